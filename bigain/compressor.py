@@ -1,0 +1,198 @@
+"""The whole plugin contract: :class:`TokenCompressor`, :class:`Compressed` and :class:`LayerContext`.
+
+Every method in bigain reduces to one operation on a self-attention call. Given the attention input
+``x`` (``[B, N, C]``, tokens laid out row-major on an ``h x w`` grid), a compressor returns
+
+* ``queries`` - the tokens that attend (merged or pruned ``x`` for ToMe-like methods, ``x`` itself
+  for key/value methods),
+* ``context`` - the tokens keys and values are computed from,
+* ``restore`` - a function mapping the attention output (one row per query) back to ``N`` tokens.
+
+The framework then calls the attention processor that was already installed on the layer with
+``(queries, context)`` and applies ``restore``: no attention maths lives in a compressor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+__all__ = ["TokenCompressor", "Compressed", "LayerContext", "derive_seed"]
+
+
+def _identity(t: Tensor) -> Tensor:
+    return t
+
+
+@dataclass(frozen=True)
+class Compressed:
+    """What :meth:`TokenCompressor.compress` returns.
+
+    Attributes:
+        queries: ``[B, Nq, C]`` tokens that attend.
+        context: ``[B, Nk, C]`` tokens keys and values are computed from. Return the *same object*
+            as ``queries`` for plain self-attention over the compressed tokens.
+        restore: maps the attention output ``[B, Nq, C']`` back to ``[B, N, C']``.
+    """
+
+    queries: Tensor
+    context: Tensor
+    restore: Callable[[Tensor], Tensor] = _identity
+
+    @classmethod
+    def identity(cls, x: Tensor) -> Compressed:
+        """No compression: the framework then calls the processor with its original arguments."""
+        return cls(x, x, _identity)
+
+    @property
+    def is_identity(self) -> bool:
+        return self.restore is _identity and self.queries is self.context
+
+
+def derive_seed(*parts: object) -> int:
+    """A 63-bit seed derived deterministically from ``parts`` (stable across processes and runs)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+@dataclass(frozen=True)
+class LayerContext:
+    """Everything a compressor may know about the attention call it compresses.
+
+    Attributes:
+        name: the attention module's qualified name in the denoiser.
+        grid: the token grid ``(h, w)``; ``h * w == N``. Never assume it is square or divisible.
+        level: the downsample level of the layer (1 for the full-resolution level of a UNet and for
+            every DiT block; 2, 4, 8 for deeper UNet levels).
+        timesteps: ``[B]`` float32 diffusion timesteps of the batch, one per sample.
+        metric: ``[B, N, C]`` tokens to score and match on: the transformer block's input for a
+            UNet (as ToMe-SD does), the attention input for a DiT (as the BiGain DiT code does).
+        seed: the framework seed of this application (``bigain.apply(..., seed=)``).
+        layer_index: position of the layer among all compressible layers of the denoiser.
+        num_train_timesteps: the length of the model's training noise schedule.
+    """
+
+    name: str
+    grid: tuple[int, int]
+    level: int
+    timesteps: Tensor
+    metric: Tensor
+    seed: int = 0
+    layer_index: int = 0
+    num_train_timesteps: int = 1000
+
+    @classmethod
+    def for_tokens(
+        cls,
+        x: Tensor,
+        *,
+        grid: tuple[int, int],
+        timesteps: Tensor | float = 500.0,
+        metric: Tensor | None = None,
+        name: str = "layer",
+        level: int = 1,
+        seed: int = 0,
+        layer_index: int = 0,
+    ) -> LayerContext:
+        """Build a context for calling a compressor directly on ``x`` (tests, notebooks, analysis)."""
+        h, w = grid
+        if h * w != x.shape[1]:
+            raise ValueError(f"grid {grid} holds {h * w} tokens but x has {x.shape[1]}")
+        t = torch.as_tensor(timesteps, dtype=torch.float32, device=x.device).reshape(-1)
+        if t.numel() == 1:
+            t = t.expand(x.shape[0])
+        return cls(name=name, grid=(int(h), int(w)), level=level, timesteps=t,
+                   metric=x if metric is None else metric, seed=seed, layer_index=layer_index)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @cached_property
+    def generator(self) -> torch.Generator:
+        """A generator seeded by the framework from ``(seed, layer, timesteps)``.
+
+        Use it for randomness that may depend on the whole batch. For randomness that must not
+        depend on how samples were batched, use :meth:`sample_randint` / :meth:`sample_randn`.
+        """
+        key = derive_seed("call", self.seed, self.layer_index, tuple(self.timesteps.tolist()))
+        return torch.Generator(device=self.metric.device).manual_seed(key)
+
+    def _per_timestep(self, draw: Callable[[torch.Generator], Tensor]) -> Tensor:
+        uniq, inverse = torch.unique(self.timesteps, return_inverse=True)
+        rows = []
+        for value in uniq.tolist():
+            key = derive_seed("sample", self.seed, self.layer_index, round(float(value), 4))
+            rows.append(draw(torch.Generator(device=self.metric.device).manual_seed(key)))
+        return torch.stack(rows)[inverse]
+
+    def sample_randint(self, high: int, size: tuple[int, ...]) -> Tensor:
+        """``[B, *size]`` integers in ``[0, high)``, one draw per distinct timestep.
+
+        Samples that share a timestep (for example the two halves of a classifier-free-guidance
+        batch, or every class scored at one timestep) get the same draw, and the draw does not
+        depend on batch size or order: it is keyed by ``(seed, layer, timestep)``.
+        """
+        dev = self.metric.device
+        return self._per_timestep(lambda g: torch.randint(0, high, size, generator=g, device=dev))
+
+    def sample_randn(self, size: tuple[int, ...]) -> Tensor:
+        """``[B, *size]`` float32 standard normals, one draw per distinct timestep (see above)."""
+        dev = self.metric.device
+        return self._per_timestep(lambda g: torch.randn(size, generator=g, device=dev))
+
+
+class TokenCompressor(ABC):
+    """Base class of every compression method.
+
+    Subclasses take their hyperparameters as typed keyword-only ``__init__`` arguments with
+    defaults, validate them there (raising :class:`bigain.errors.ConfigError` with a fix), and store
+    each one as an attribute of the same name. They implement :meth:`compress` and may override
+    :meth:`applies_to`.
+
+    Class attributes:
+        identity_params: hyperparameters under which the compressor must leave the model bitwise
+            unchanged (the conformance suite checks it), or ``None`` if there are none.
+    """
+
+    name: ClassVar[str] = ""
+    identity_params: ClassVar[Mapping[str, Any] | None] = None
+
+    @abstractmethod
+    def compress(self, x: Tensor, ctx: LayerContext) -> Compressed:
+        """Compress the attention input ``x`` (``[B, N, C]``) of one self-attention call."""
+
+    def applies_to(self, ctx: LayerContext) -> bool:
+        """Whether to compress this call (default: always). Called once per attention call."""
+        return True
+
+    @classmethod
+    def hyperparameter_names(cls) -> tuple[str, ...]:
+        sig = inspect.signature(cls.__init__)
+        return tuple(p.name for p in sig.parameters.values() if p.kind is p.KEYWORD_ONLY)
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """The compressor's hyperparameters, as given to ``__init__`` (for configs and reports)."""
+        out = {}
+        for name in self.hyperparameter_names():
+            value = getattr(self, name)
+            out[name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters().items())
+        return f"{type(self).__name__}({args})"
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and self.hyperparameters() == other.hyperparameters()
+
+    def __hash__(self) -> int:
+        return hash((type(self), repr(self)))

@@ -1,0 +1,226 @@
+"""Training of the two bundled toy models (``bigain toy train``).
+
+* :func:`train_toy_dit` trains the class-conditional pixel-space DiT (diffusers
+  ``DiTTransformer2DModel``, patch 2, 256 tokens) with epsilon prediction on the DDPM linear schedule;
+  diffusers' label embedding drops 10% of the labels to its null class during training, which is
+  what classifier-free guidance needs at sampling time.
+* :func:`train_toy_classifier` trains the small timm classifier that serves as the toy FID feature
+  extractor and as the judge of class fidelity.
+
+Both are deterministic for a given seed and thread count, and write a ``training_log.csv``.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from bigain.toy.data import TOY_CLASSES, ToyShapes
+
+__all__ = [
+    "TOY_DIT_CONFIG",
+    "TOY_SCHEDULER_CONFIG",
+    "TOY_CLASSIFIER_ARCH",
+    "build_toy_dit",
+    "build_toy_classifier",
+    "classifier_input",
+    "train_toy_dit",
+    "train_toy_classifier",
+]
+
+TOY_DIT_CONFIG: dict = {
+    "num_attention_heads": 4,
+    "attention_head_dim": 32,
+    "in_channels": 3,
+    "out_channels": 3,
+    "num_layers": 6,
+    "sample_size": 32,
+    "patch_size": 2,
+    "num_embeds_ada_norm": len(TOY_CLASSES),
+    "norm_type": "ada_norm_zero",
+}
+
+#: The noise schedule the toy DiT is trained with (DiT's: DDPM, linear betas 1e-4..0.02, 1000 steps).
+TOY_SCHEDULER_CONFIG: dict = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "prediction_type": "epsilon",
+    "clip_sample": False,
+}
+
+TOY_CLASSIFIER_ARCH = "resnet10t"
+_CLASSIFIER_KWARGS = {"channels": (32, 64, 128, 256)}
+_CLASSIFIER_INPUT = 64
+
+
+def build_toy_dit():
+    """A freshly initialised toy DiT, with DiT's zero-initialised modulation and output layers."""
+    from diffusers import DiTTransformer2DModel
+
+    model = DiTTransformer2DModel(**TOY_DIT_CONFIG)
+    for block in model.transformer_blocks:
+        torch.nn.init.zeros_(block.norm1.linear.weight)
+        torch.nn.init.zeros_(block.norm1.linear.bias)
+    torch.nn.init.zeros_(model.proj_out_1.weight)
+    torch.nn.init.zeros_(model.proj_out_1.bias)
+    torch.nn.init.zeros_(model.proj_out_2.weight)
+    torch.nn.init.zeros_(model.proj_out_2.bias)
+    return model
+
+
+def build_toy_classifier(pretrained_path: str | Path | None = None):
+    """The toy timm classifier (a slim ``resnet10t``), optionally loaded from a safetensors file."""
+    import timm
+
+    model = timm.create_model(TOY_CLASSIFIER_ARCH, num_classes=len(TOY_CLASSES), **_CLASSIFIER_KWARGS)
+    if pretrained_path is not None:
+        from safetensors.torch import load_file
+
+        state = {k: v.float() for k, v in load_file(str(pretrained_path)).items()}
+        model.load_state_dict(state)
+    return model
+
+
+def classifier_input(images: torch.Tensor) -> torch.Tensor:
+    """Map toy images in ``[-1, 1]`` (``[B, 3, 32, 32]``) to the classifier's input.
+
+    Nearest upsampling to 64 px keeps one-pixel textures intact; ImageNet normalisation is not used
+    (the classifier is trained from scratch on this input).
+    """
+    return F.interpolate(images.float(), size=(_CLASSIFIER_INPUT, _CLASSIFIER_INPUT), mode="nearest")
+
+
+def _cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _write_log(path: Path, rows: list[dict]) -> None:
+    if not rows:
+        return
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def train_toy_dit(
+    out_dir: str | Path,
+    *,
+    steps: int = 1500,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    warmup: int = 50,
+    ema_decay: float = 0.995,
+    seed: int = 0,
+    train_images: int = 200_000,
+    bf16: bool = True,
+    log_every: int = 25,
+    progress: Callable[[int, dict], None] | None = None,
+) -> Path:
+    """Train the toy DiT and save it (EMA weights) with ``save_pretrained`` under ``out_dir/dit``.
+
+    Returns:
+        The folder holding the saved model, its ``scheduler_config.json`` and ``training_log.csv``.
+    """
+    from diffusers import DDPMScheduler
+
+    out = Path(out_dir) / "dit"
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)  # diffusers' label dropout draws from the global RNG during training
+    gen = torch.Generator().manual_seed(seed)
+    model = build_toy_dit().train()
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    scheduler = DDPMScheduler(**TOY_SCHEDULER_CONFIG)
+    abar = scheduler.alphas_cumprod.float()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+    data = ToyShapes("train", length=train_images)
+    rows: list[dict] = []
+    start = time.perf_counter()
+    running = None
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = _cosine_lr(step, steps, lr, warmup)
+        first = (step * batch_size) % train_images
+        x0, labels = data.batch(range(first, first + batch_size))
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        a = abar[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            pred = model(xt, timestep=t, class_labels=labels).sample
+        loss = F.mse_loss(pred.float(), noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            for pe, pm in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(pm, 1.0 - ema_decay)
+        running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
+        if step % log_every == 0 or step == steps - 1:
+            row = {"step": step, "loss": round(loss.item(), 5), "loss_smoothed": round(running, 5),
+                   "lr": round(opt.param_groups[0]["lr"], 7), "seconds": round(time.perf_counter() - start, 1)}
+            rows.append(row)
+            _write_log(out / "training_log.csv", rows)
+            if progress is not None:
+                progress(step, row)
+    ema.save_pretrained(out, safe_serialization=True)
+    scheduler.save_pretrained(out)
+    _write_log(out / "training_log.csv", rows)
+    return out
+
+
+def train_toy_classifier(
+    out_dir: str | Path,
+    *,
+    steps: int = 600,
+    batch_size: int = 128,
+    lr: float = 2e-3,
+    seed: int = 0,
+    train_images: int = 60_000,
+    log_every: int = 25,
+    progress: Callable[[int, dict], None] | None = None,
+) -> Path:
+    """Train the toy timm classifier; saves ``classifier.safetensors`` (fp16) under ``out_dir``."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model = build_toy_classifier().train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    data = ToyShapes("train", length=train_images)
+    rows: list[dict] = []
+    start = time.perf_counter()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = _cosine_lr(step, steps, lr, 20)
+        idx = torch.randint(0, train_images, (batch_size,), generator=gen)
+        images, labels = data.batch(idx.tolist())
+        loss = F.cross_entropy(model(classifier_input(images)), labels, label_smoothing=0.05)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % log_every == 0 or step == steps - 1:
+            row = {"step": step, "loss": round(loss.item(), 5), "seconds": round(time.perf_counter() - start, 1)}
+            rows.append(row)
+            if progress is not None:
+                progress(step, row)
+    model.eval()
+    save_file({k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()},
+              str(out / "classifier.safetensors"))
+    _write_log(out / "classifier_training_log.csv", rows)
+    return out / "classifier.safetensors"
