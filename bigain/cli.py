@@ -1,0 +1,58 @@
+"""The ``bigain`` command.
+
+Each subcommand lives next to what it runs; this module only dispatches. ``bigain --help`` lists
+them and ``bigain COMMAND --help`` documents each one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from bigain.errors import BigainError
+
+# name -> (module, one-line help). Each module defines `add_arguments(parser)` and `run(args) -> int`
+# (argparse commands) or `main(argv) -> int` (jsonargparse commands that parse their own config).
+COMMANDS: dict[str, tuple[str, str]] = {
+    "plugins": ("bigain.commands.plugins", "list every discovered compressor and whether it loads"),
+}
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    from bigain import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="bigain",
+        description="Token compression for diffusion models that generate and classify images.",
+    )
+    parser.add_argument("--version", action="version", version=f"bigain {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _build_parser()
+    if not argv or argv[0] not in COMMANDS:
+        parser.parse_args(argv or ["--help"])  # prints help / version / an error, and exits
+        return 2
+    name, rest = argv[0], argv[1:]
+    module = importlib.import_module(COMMANDS[name][0])
+    try:
+        if hasattr(module, "main"):
+            return int(module.main(rest) or 0)
+        sub = argparse.ArgumentParser(prog=f"bigain {name}", description=module.__doc__,
+                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(sub)
+        return int(module.run(sub.parse_args(rest)) or 0)
+    except BigainError as exc:
+        print(f"bigain {name}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

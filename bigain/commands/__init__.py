@@ -1,0 +1,1 @@
+"""One module per ``bigain`` subcommand (see :mod:`bigain.cli`)."""
