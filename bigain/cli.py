@@ -17,6 +17,7 @@ from bigain.errors import BigainError
 # (argparse commands) or `main(argv) -> int` (jsonargparse commands that parse their own config).
 COMMANDS: dict[str, tuple[str, str]] = {
     "plugins": ("bigain.commands.plugins", "list every discovered compressor and whether it loads"),
+    "classify": ("bigain.commands.classify", "evaluate a (compressed) diffusion model as an image classifier"),
 }
 
 

@@ -23,7 +23,8 @@ from bigain.compressor import LayerContext, TokenCompressor
 from bigain.patching import apply
 from bigain.registry import create_compressor, get_compressor
 
-__all__ = ["check_compressor", "tiny_unet", "tiny_dit", "TINY_UNET_CONFIG", "TINY_DIT_CONFIG"]
+__all__ = ["check_compressor", "tiny_unet", "tiny_dit", "save_tiny_stable_diffusion", "save_tiny_dit",
+           "TINY_UNET_CONFIG", "TINY_DIT_CONFIG"]
 
 #: A two-level SD-style UNet with attention at both levels (~0.8 M parameters).
 TINY_UNET_CONFIG: dict[str, Any] = {
@@ -208,3 +209,63 @@ def check_compressor(
                             "ctx.sample_randint or ctx.sample_randn")
     passed.append("global-rng")
     return passed
+
+
+def save_tiny_stable_diffusion(path, seed: int = 0) -> str:
+    """Save a tiny Stable Diffusion pipeline folder (unet, vae, text_encoder, tokenizer, scheduler)
+    built from configs, loadable with ``bigain.backbones.StableDiffusion(path=...)``. 32x32 images
+    map to 16x16 latents."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    root = Path(path)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        UNet2DConditionModel(**TINY_UNET_CONFIG).save_pretrained(root / "unet")
+        AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                      up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
+                      sample_size=32).save_pretrained(root / "vae")
+        CLIPTextModel(CLIPTextConfig(vocab_size=90, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=2, max_position_embeddings=20, bos_token_id=86,
+                                     eos_token_id=87, pad_token_id=87)).save_pretrained(root / "text_encoder")
+    chars = list("abcdefghijklmnopqrstuvwxyz0123456789.,()'- ")
+    vocab: dict[str, int] = {}
+    for c in chars:
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
+        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n")
+        tok = CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=20)
+        tok.save_pretrained(root / "tokenizer")
+    DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                  num_train_timesteps=1000).save_pretrained(root / "scheduler")
+    return str(root)
+
+
+def save_tiny_dit(path, seed: int = 0, *, latent: bool = False) -> str:
+    """Save a tiny DiT checkpoint folder (transformer, scheduler; plus a VAE when ``latent``),
+    loadable with ``bigain.backbones.DiT(path=...)``. Pixel-space: 16x16 RGB images, 10 classes."""
+    from pathlib import Path
+
+    from diffusers import AutoencoderKL, DDPMScheduler, DiTTransformer2DModel
+
+    root = Path(path)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        channels = 4 if latent else 3
+        DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=channels,
+                              out_channels=2 * channels, num_layers=4, sample_size=8 if latent else 16,
+                              patch_size=2, num_embeds_ada_norm=10).save_pretrained(root / "transformer")
+        if latent:
+            AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                          up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
+                          sample_size=16).save_pretrained(root / "vae")
+    DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear").save_pretrained(root / "scheduler")
+    return str(root)

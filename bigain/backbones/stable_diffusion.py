@@ -1,0 +1,110 @@
+"""``stable-diffusion``: any Stable Diffusion 1.x / 2.x checkpoint (UNet, VAE, CLIP text encoder)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from bigain.backbones.base import DiffusionBackbone
+from bigain.backbones.loading import is_local, load_component, require_subfolders
+
+__all__ = ["StableDiffusion"]
+
+_PARTS = ["unet", "vae", "text_encoder", "tokenizer", "scheduler"]
+
+
+class StableDiffusion(DiffusionBackbone):
+    """A Stable Diffusion pipeline's parts, loaded with diffusers/transformers ``from_pretrained``.
+
+    Args:
+        path: a hub id (``stabilityai/stable-diffusion-2-base``) or a local pipeline folder with
+            ``unet/ vae/ text_encoder/ tokenizer/ scheduler/``.
+        dtype: precision the networks run in; noising and losses stay float32.
+        text_batch: prompts encoded per text-encoder call.
+    """
+
+    family = "unet"
+    text_conditioned = True
+
+    def __init__(self, *, path: str = "stabilityai/stable-diffusion-2-base",
+                 dtype: Literal["float32", "float16", "bfloat16"] = "float32", text_batch: int = 100) -> None:
+        super().__init__(dtype=dtype)
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        self.path = str(path)
+        if is_local(self.path):
+            require_subfolders(self.path, _PARTS, what="Stable Diffusion")
+        dt = self.model_dtype
+        self.unet = load_component(UNet2DConditionModel, self.path, "unet", what="UNet", torch_dtype=dt)
+        self.vae = load_component(AutoencoderKL, self.path, "vae", what="VAE", torch_dtype=dt)
+        self.text_encoder = load_component(CLIPTextModel, self.path, "text_encoder", what="text encoder",
+                                           torch_dtype=dt)
+        self.tokenizer = load_component(CLIPTokenizer, self.path, "tokenizer", what="tokenizer")
+        scheduler = load_component(DDPMScheduler, self.path, "scheduler", what="scheduler config")
+        self.scheduler_config = dict(scheduler.config)
+        self.register_buffer("alphas_cumprod", scheduler.alphas_cumprod.double(), persistent=False)
+        for module in (self.unet, self.vae, self.text_encoder):
+            module.eval().requires_grad_(False)
+        self.denoiser = self.unet
+        self.text_batch = text_batch
+        self.vae_scale = float(self.vae.config.scaling_factor)
+        self.latent_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self._class_prompts: tuple[str, ...] = ()
+        self._class_emb: Tensor | None = None
+
+    def latent_shape(self, image_size: int) -> tuple[int, int, int]:
+        side = image_size // self.latent_factor
+        return (int(self.unet.config.in_channels), side, side)
+
+    @torch.no_grad()
+    def encode(self, images: Tensor) -> Tensor:
+        dist = self.vae.encode(images.to(self.device, self.model_dtype)).latent_dist
+        return dist.mean.float() * self.vae_scale
+
+    @torch.no_grad()
+    def decode(self, x0: Tensor) -> Tensor:
+        out = self.vae.decode((x0 / self.vae_scale).to(self.model_dtype)).sample
+        return out.float().clamp(-1, 1)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> Tensor:
+        """Text-encoder hidden states ``[K, L, D]`` for ``prompts`` (padded to the model length)."""
+        chunks = []
+        for start in range(0, len(prompts), self.text_batch):
+            tokens = self.tokenizer(list(prompts[start:start + self.text_batch]), padding="max_length",
+                                    max_length=self.tokenizer.model_max_length, truncation=True,
+                                    return_tensors="pt")
+            chunks.append(self.text_encoder(tokens.input_ids.to(self.device))[0])
+        return torch.cat(chunks)
+
+    def set_classes(self, *, prompts: Sequence[str], label_ids: Sequence[int] | None = None) -> None:
+        if tuple(prompts) != self._class_prompts or self._class_emb is None:
+            self._class_prompts = tuple(prompts)
+            self._class_emb = self.encode_prompts(self._class_prompts)  # computed once, then cached
+
+    def class_conditions(self, classes: Tensor) -> Tensor:
+        if self._class_emb is None:
+            raise RuntimeError("call set_classes(prompts=...) before class_conditions")
+        if self._class_emb.device != self.device:
+            self._class_emb = self._class_emb.to(self.device)
+        return self._class_emb[classes.to(self.device)]
+
+    def prompt_conditions(self, prompts: Sequence[str]) -> Tensor:
+        return self.encode_prompts(prompts)
+
+    def null_conditions(self, batch: int) -> Tensor:
+        return self.encode_prompts([""]).expand(batch, -1, -1)
+
+    def predict_noise(self, x_t: Tensor, t: Tensor, cond: Any) -> Tensor:
+        out = self.unet(x_t.to(self.device, self.model_dtype), t.to(self.device),
+                        encoder_hidden_states=cond.to(self.model_dtype)).sample
+        return out[:, : x_t.shape[1]].float()
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "path": self.path if not Path(self.path).exists()
+                else str(Path(self.path).resolve())}

@@ -1,0 +1,144 @@
+"""What ``bigain classify`` and ``bigain generate`` share: the LightningCLI, the run folder,
+resume, per-rank writing and the final merge."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from bigain.datamodules.base import BigainDataModule
+from bigain.datamodules.registry import datamodule_class_path
+from bigain.errors import BigainError
+from bigain.runs import RecordWriter, RunFolder, environment_info
+
+__all__ = ["run_evaluation", "EvalProgressBar", "translate_names"]
+
+# Options of a datamodule that never change results (left out of the run's fingerprint).
+_NON_RESULT_DATA = {"batch_size", "num_workers", "pin_memory", "on_bad_image"}
+
+
+class EvalProgressBar(TQDMProgressBar):
+    """Lightning's bar, plus what the module reports (images done, running accuracy)."""
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        super().on_predict_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+        bar = self.predict_progress_bar
+        postfix = getattr(pl_module, "progress_postfix", None)
+        if bar is not None and postfix is not None:
+            bar.set_postfix(postfix(), refresh=False)
+
+
+def translate_names(argv: Sequence[str]) -> list[str]:
+    """Let ``--data toy`` and ``data: toy`` / ``data: {class_path: toy}`` in config files name a
+    datamodule by its registered name (config files are passed on as YAML text)."""
+    out: list[str] = []
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--data" and i + 1 < len(args):
+            out += [arg, datamodule_class_path(args[i + 1])]
+            i += 2
+            continue
+        if arg.startswith("--data="):
+            out.append("--data=" + datamodule_class_path(arg.split("=", 1)[1]))
+        elif arg in ("--config", "-c") and i + 1 < len(args) and Path(args[i + 1]).is_file():
+            out += [arg, _translate_config(Path(args[i + 1]))]
+            i += 2
+            continue
+        else:
+            out.append(arg)
+        i += 1
+    return out
+
+
+def _translate_config(path: Path) -> str:
+    text = path.read_text()
+    try:
+        cfg = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise BigainError(f"config file {path} is not valid YAML: {exc}") from exc
+    if isinstance(cfg, dict):
+        data = cfg.get("data")
+        if isinstance(data, str):
+            cfg["data"] = {"class_path": datamodule_class_path(data)}
+        elif isinstance(data, dict) and isinstance(data.get("class_path"), str):
+            data["class_path"] = datamodule_class_path(data["class_path"])
+        return yaml.safe_dump(cfg, sort_keys=False)
+    return text
+
+
+class _EvalCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--run_dir", type=str, default=None,
+                            help="run folder (default: runs/<task>/<compressor>-<timestamp>)")
+        parser.add_argument("--overwrite", type=bool, default=False,
+                            help="delete the results a run folder holds and start again")
+        parser.add_argument("--resume", type=bool, default=False,
+                            help="keep the results of a run folder even if its configuration differs")
+
+
+def _data_result_config(cfg_data: Any) -> dict[str, Any]:
+    data = cfg_data.as_dict() if hasattr(cfg_data, "as_dict") else dict(cfg_data)
+    init = {k: v for k, v in (data.get("init_args") or {}).items() if k not in _NON_RESULT_DATA}
+    return {"class_path": data.get("class_path"), "init_args": init}
+
+
+def run_evaluation(
+    argv: Sequence[str] | None,
+    *,
+    task: str,
+    model_class: type,
+    finalize: Callable[[RunFolder, Any, BigainDataModule, Any], dict[str, Any]],
+    description: str,
+) -> int:
+    """Parse the config, claim the run folder, predict with per-rank writers, merge on rank 0."""
+    argv = translate_names(sys.argv[2:] if argv is None else argv)
+    cli = _EvalCLI(
+        model_class,
+        BigainDataModule,
+        subclass_mode_data=True,
+        run=False,
+        args=argv,
+        save_config_callback=None,
+        seed_everything_default=False,
+        auto_configure_optimizers=False,
+        load_from_checkpoint_support=False,
+        trainer_defaults={"logger": False, "enable_checkpointing": False, "enable_model_summary": False,
+                          "devices": 1, "accelerator": "auto"},
+        parser_kwargs={"prog": f"bigain {task}", "description": description, "default_env": False},
+    )
+    cfg, model, dm, trainer = cli.config, cli.model, cli.datamodule, cli.trainer
+    run_dir = cfg.run_dir or str(Path("runs") / task / (
+        f"{cfg.model.compressor}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"))
+    run = RunFolder(run_dir)
+    result_config = {"task": task, "model": model.result_config(), "data": _data_result_config(cfg.data)}
+    run.prepare(task=task, result_config=result_config, full_config=cli.parser.dump(cfg, skip_none=False),
+                overwrite=cfg.overwrite, resume=cfg.resume)
+    done = set() if cfg.overwrite else run.done_indices()
+    dm.skip_indices(done)
+    trainer.callbacks = [EvalProgressBar() if isinstance(cb, ProgressBar) else cb for cb in trainer.callbacks]
+    trainer.callbacks.append(RecordWriter(run))
+    try:
+        trainer.predict(model, datamodule=dm, return_predictions=False)
+    except BaseException as exc:
+        if trainer.is_global_zero:
+            run.update_meta(status=f"interrupted: {type(exc).__name__}: {exc}")
+        raise
+    trainer.strategy.barrier()
+    if trainer.is_global_zero:
+        summary = finalize(run, model, dm, trainer)
+        run.update_meta(status="complete", finished=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                        **environment_info(trainer), data=dm.describe(), summary=summary,
+                        bad_images=run.bad_images())
+        print(f"bigain {task}: {run.path}")
+        for key, value in summary.items():
+            print(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")
+    return 0

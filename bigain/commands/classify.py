@@ -1,0 +1,40 @@
+"""Evaluate a (compressed) diffusion model as an image classifier (the Diffusion Classifier protocol).
+
+Configured LightningCLI-style: `bigain classify --config run.yaml`, every option overridable by a
+flag (`--model.compressor tome --model.compressor_options '{ratio: 0.7}' --data toy
+--trainer.devices 2`); `--print_config` shows the full configuration. Results go to --run_dir:
+records.parquet, summary.csv / summary.md, run.json. An interrupted run resumes where it stopped
+when started again with the same configuration.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from bigain.commands._evaluate import run_evaluation
+from bigain.reporting import classification_summary, write_summary
+from bigain.registry import COMPRESSORS
+from bigain.tasks.classification import DiffusionClassifier
+
+
+def _finalize(run, model, dm, trainer) -> dict[str, Any]:
+    df = run.merged_records()
+    df.to_parquet(run.path / "records.parquet", index=False)
+    hp = model.hparams
+    summary = {"task": "classify", "backbone": hp.backbone, "dataset": dm.name or type(dm).__name__,
+               "compressor": hp.compressor, "hyperparameters": model.compressor.hyperparameters(),
+               "seed": hp.seed, **classification_summary(df)}
+    row = {**summary, "hyperparameters": str(summary["hyperparameters"])}
+    write_summary(row, run.path, title=f"Classification: {hp.compressor} on {summary['dataset']}")
+    info = [r for r in COMPRESSORS.report() if r.name == hp.compressor]
+    run.update_meta(model=model.backbone.describe(),
+                    compression={"layers": model.handle.layers, "skipped": model.handle.skipped,
+                                 "tokens_kept": model.handle.tokens_kept()},
+                    plugin=info[0].__dict__ if info else None)
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_evaluation(argv, task="classify", model_class=DiffusionClassifier, finalize=_finalize,
+                          description=__doc__)
