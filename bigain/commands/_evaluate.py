@@ -126,8 +126,12 @@ def run_evaluation(
     dm.skip_indices(done)
     trainer.callbacks = [EvalProgressBar() if isinstance(cb, ProgressBar) else cb for cb in trainer.callbacks]
     trainer.callbacks.append(RecordWriter(run))
+    dm.setup("predict")
     try:
-        trainer.predict(model, datamodule=dm, return_predictions=False)
+        if len(dm.dataset):  # every rank sees the same remaining indices; none left: just merge
+            trainer.predict(model, datamodule=dm, return_predictions=False)
+        else:
+            model.configure_model()
     except BaseException as exc:
         if trainer.is_global_zero:
             run.update_meta(status=f"interrupted: {type(exc).__name__}: {exc}")

@@ -28,9 +28,11 @@ def _finalize(run, model, dm, trainer) -> dict[str, Any]:
     row = {**summary, "hyperparameters": str(summary["hyperparameters"])}
     write_summary(row, run.path, title=f"Classification: {hp.compressor} on {summary['dataset']}")
     info = [r for r in COMPRESSORS.report() if r.name == hp.compressor]
+    previous = (run.read_meta() or {}).get("compression", {})
     run.update_meta(model=model.backbone.describe(),
                     compression={"layers": model.handle.layers, "skipped": model.handle.skipped,
-                                 "tokens_kept": model.handle.tokens_kept()},
+                                 # measured on rank 0; a run with nothing left to do keeps the earlier value
+                                 "tokens_kept": model.handle.tokens_kept() or previous.get("tokens_kept", {})},
                     plugin=info[0].__dict__ if info else None)
     return summary
 
