@@ -1,0 +1,366 @@
+"""Denoiser speed, FLOPs and memory under each compressor, measured side by side.
+
+Backbones come from bundled diffusers configs (``bigain/benchconfigs/``) with random weights: speed
+and FLOPs do not depend on weight values. Methods run interleaved in one process - every repeat
+times each method once, in turn - so their ratios share the machine's state (thermal, caches, other
+load) and are comparable; absolute times are only meaningful on a quiet, dedicated machine.
+
+GFLOPs come from ``torch.utils.flop_counter`` (matrix multiplications and attention), including the
+compressors' own matching work; PyTorch registers no formula for the CPU attention kernel, so one is
+registered here (``4 * B * H * Lq * Lk * D``).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from bigain.errors import ConfigError, UnknownNameError
+from bigain.patching import apply
+from bigain.registry import create_compressor
+
+__all__ = ["BENCH_MODELS", "DEFAULT_METHODS", "MethodSpec", "parse_method", "build_bench_model",
+           "count_flops", "run_bench", "classifier_overhead", "format_table"]
+
+BENCH_MODELS = ("sd2-unet", "sdxl-unet", "dit-xl-2", "toy")
+DEFAULT_METHODS = ("none", "tome:ratio=0.5", "tome:ratio=0.7", "bigain_tm:ratio=0.5", "bigain_tm:ratio=0.7",
+                   "sito:ratio=0.5", "sito:ratio=0.7", "todo:factor=2", "bigain_td:factor=2")
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One benchmarked configuration: a compressor (or ``tomesd``) with its options."""
+
+    label: str
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_method(spec: str) -> MethodSpec:
+    """``"tome:ratio=0.7"`` / ``"bigain_td:factor=2,alpha=0.5"`` / ``"tomesd:ratio=0.5"``."""
+    name, _, rest = spec.partition(":")
+    options: dict[str, Any] = {}
+    for part in filter(None, rest.split(",")):
+        key, eq, value = part.partition("=")
+        if not eq:
+            raise ConfigError(f"method option {part!r} in {spec!r} must look like key=value, e.g. tome:ratio=0.7")
+        options[key.strip()] = yaml.safe_load(value)
+    if name != "tomesd":
+        create_compressor(name, **options)  # validates now, with suggestions
+    return MethodSpec(spec, name, options)
+
+
+# -- models ------------------------------------------------------------------------------------
+
+def _config(name: str) -> dict[str, Any]:
+    text = resources.files("bigain").joinpath("benchconfigs", f"{name}.json").read_text()
+    return {k: v for k, v in json.loads(text).items() if not k.startswith("_")}
+
+
+def build_bench_model(name: str, *, resolution: int, batch_size: int, dtype: str = "fp32",
+                      device: str = "cpu", path: str | None = None) -> tuple[nn.Module, dict[str, Any], dict]:
+    """A denoiser with random weights (or from ``path``), its forward inputs, and a description."""
+    if dtype not in _DTYPES:
+        raise ConfigError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    dt = _DTYPES[dtype]
+    g = torch.Generator().manual_seed(0)
+    if path is not None:
+        from diffusers import DiTTransformer2DModel, UNet2DConditionModel
+
+        from bigain.backbones.loading import load_component
+
+        try:
+            model = load_component(UNet2DConditionModel, path, "unet", what="UNet")
+        except Exception:
+            model = load_component(DiTTransformer2DModel, path, "transformer", what="DiT transformer")
+        source = path
+    elif name in ("sd2-unet", "sdxl-unet"):
+        from diffusers import UNet2DConditionModel
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = UNet2DConditionModel.from_config(_config(name))
+        source = f"bundled config {name}, random weights"
+    elif name in ("dit-xl-2", "toy"):
+        from diffusers import DiTTransformer2DModel
+
+        if name == "toy":
+            from bigain.toy.train import TOY_DIT_CONFIG
+
+            cfg = dict(TOY_DIT_CONFIG)
+        else:
+            cfg = _config(name)
+            cfg["sample_size"] = resolution // 8
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = DiTTransformer2DModel.from_config(cfg)
+        source = f"bundled config {name}, random weights"
+    else:
+        raise UnknownNameError(f"unknown bench model {name!r}; choose one of {', '.join(BENCH_MODELS)} "
+                               f"or give --model-path PATH_OR_ID")
+    model = model.to(device=device, dtype=dt).eval().requires_grad_(False)
+    cfg = model.config
+    if type(model).__name__ == "UNet2DConditionModel":
+        side = resolution // 8
+        inputs: dict[str, Any] = {
+            "sample": torch.randn(batch_size, cfg.in_channels, side, side, generator=g),
+            "timestep": torch.full((batch_size,), 500),
+            "encoder_hidden_states": torch.randn(batch_size, 77, cfg.cross_attention_dim, generator=g),
+        }
+        if cfg.addition_embed_type == "text_time":
+            inputs["added_cond_kwargs"] = {"text_embeds": torch.randn(batch_size, 1280, generator=g),
+                                           "time_ids": torch.tensor([[resolution, resolution, 0, 0,
+                                                                      resolution, resolution]] * batch_size)}
+    else:
+        side = cfg.sample_size
+        inputs = {"hidden_states": torch.randn(batch_size, cfg.in_channels, side, side, generator=g),
+                  "timestep": torch.full((batch_size,), 500),
+                  "class_labels": torch.zeros(batch_size, dtype=torch.long)}
+    inputs = _to(inputs, device, dt)
+    params = sum(p.numel() for p in model.parameters())
+    return model, inputs, {"model": name if path is None else path, "source": source, "parameters": params}
+
+
+def _to(obj: Any, device: str, dtype: torch.dtype) -> Any:
+    if isinstance(obj, dict):
+        return {k: _to(v, device, dtype) for k, v in obj.items()}
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device=device, dtype=dtype if obj.is_floating_point() else obj.dtype)
+    return obj
+
+
+# -- measuring ---------------------------------------------------------------------------------
+
+def _register_cpu_sdpa_flops() -> None:
+    from torch.utils import flop_counter
+
+    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    if op in flop_counter.flop_registry or op.default in flop_counter.flop_registry:
+        return
+
+    @flop_counter.register_flop_formula(op)
+    def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        b, h, lq, d = query_shape
+        lk, dv = key_shape[-2], value_shape[-1]
+        return 2 * b * h * lq * lk * d + 2 * b * h * lq * lk * dv
+
+
+def count_flops(model: nn.Module, inputs: dict[str, Any]) -> int:
+    """FLOPs of one forward (multiply-adds count 2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    _register_cpu_sdpa_flops()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(**inputs)
+    return int(counter.get_total_flops())
+
+
+def _forward_seconds(model: nn.Module, inputs: dict[str, Any], device: str) -> float:
+    with torch.no_grad():
+        if device.startswith("cuda"):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            model(**inputs)
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end) / 1000.0
+        t0 = time.perf_counter()
+        model(**inputs)
+        return time.perf_counter() - t0
+
+
+class _Applied:
+    """Apply a method (bigain compressor or the tomesd package) to a model, and undo it."""
+
+    def __init__(self, model: nn.Module, spec: MethodSpec, *, max_downsample: int, blocks: Any) -> None:
+        self.model, self.spec, self.handle = model, spec, None
+        self.max_downsample, self.blocks = max_downsample, blocks
+
+    def __enter__(self) -> _Applied:
+        if self.spec.name == "tomesd":
+            import tomesd
+
+            tomesd.apply_patch(self.model, max_downsample=self.max_downsample, **self.spec.options)
+        else:
+            extra = {"blocks": self.blocks} if type(self.model).__name__ == "DiTTransformer2DModel" else {
+                "max_downsample": self.max_downsample}
+            self.handle = apply(self.model, self.spec.name, **extra, **self.spec.options)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.spec.name == "tomesd":
+            import tomesd
+
+            tomesd.remove_patch(self.model)
+        elif self.handle is not None:
+            self.handle.remove()
+
+
+def run_bench(
+    *,
+    model: str = "sd2-unet",
+    model_path: str | None = None,
+    methods: Sequence[str] = DEFAULT_METHODS,
+    resolution: int = 512,
+    batch_size: int = 1,
+    dtype: str = "fp32",
+    device: str = "cpu",
+    repeats: int = 5,
+    warmup: int = 1,
+    max_downsample: int = 1,
+    blocks: Any = "paper",
+    compare_tomesd: bool = False,
+    flops: bool = True,
+    progress: Any = None,
+):
+    """Benchmark ``methods`` on one denoiser; returns ``(DataFrame, info)``."""
+    import pandas as pd
+
+    if repeats < 1 or warmup < 0:
+        raise ConfigError("repeats must be >= 1 and warmup >= 0")
+    if model == "toy" and model_path is None:
+        resolution = 32  # the toy DiT is pixel-space at 32x32
+    specs = [parse_method(m) for m in methods]
+    if not specs or specs[0].name != "none":
+        specs.insert(0, parse_method("none"))  # the baseline every speedup is measured against
+    net, inputs, info = build_bench_model(model, resolution=resolution, batch_size=batch_size, dtype=dtype,
+                                          device=device, path=model_path)
+    if compare_tomesd:
+        if type(net).__name__ != "UNet2DConditionModel":
+            info["tomesd"] = "skipped: the tomesd package patches UNets only"
+        else:
+            ratios = sorted({s.options.get("ratio", 0.5) for s in specs if s.name == "tome"}) or [0.5]
+            specs += [MethodSpec(f"tomesd:ratio={r}", "tomesd", {"ratio": r}) for r in ratios]
+    times: dict[str, list[float]] = {s.label: [] for s in specs}
+    rows: dict[str, dict[str, Any]] = {}
+    for spec in specs:  # warm-up, FLOPs, memory and token counts, one method at a time
+        with _Applied(net, spec, max_downsample=max_downsample, blocks=blocks) as applied:
+            for _ in range(warmup):
+                _forward_seconds(net, inputs, device)
+            if device.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats()
+            if applied.handle is not None:
+                applied.handle.reset_stats()
+            row: dict[str, Any] = {"method": spec.label, "compressor": spec.name,
+                                   "options": json.dumps(spec.options, sort_keys=True)}
+            row["gflops"] = count_flops(net, inputs) / 1e9 if flops else None
+            if device.startswith("cuda"):
+                _forward_seconds(net, inputs, device)
+                row["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
+            else:
+                row["peak_memory_mb"] = None
+            row["tokens_kept"] = json.dumps(applied.handle.tokens_kept()) if applied.handle is not None else ""
+            rows[spec.label] = row
+    for r in range(repeats):  # interleaved timing rounds
+        for spec in specs:
+            with _Applied(net, spec, max_downsample=max_downsample, blocks=blocks):
+                times[spec.label].append(_forward_seconds(net, inputs, device))
+        if progress is not None:
+            progress(r + 1, repeats)
+    base = statistics.median(times[specs[0].label])
+    out = []
+    for spec in specs:
+        ts = sorted(times[spec.label])
+        med = statistics.median(ts)
+        q1, q3 = (ts[len(ts) // 4], ts[(3 * len(ts)) // 4]) if len(ts) >= 4 else (ts[0], ts[-1])
+        out.append({**rows[spec.label], "median_ms": med * 1e3, "iqr_ms": (q3 - q1) * 1e3,
+                    "min_ms": ts[0] * 1e3, "speedup": base / med})
+    info.update({"resolution": resolution, "batch_size": batch_size, "dtype": dtype, "device": device,
+                 "repeats": repeats, "warmup": warmup, "max_downsample": max_downsample,
+                 "device_name": torch.cuda.get_device_name(0) if device.startswith("cuda") else _cpu_name(),
+                 "torch": torch.__version__, "threads": torch.get_num_threads()})
+    return pd.DataFrame(out), info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "cpu"
+
+
+def format_table(df, info: dict[str, Any]) -> str:
+    """A markdown table of a :func:`run_bench` result, with the setting above it."""
+    head = (f"{info['model']} ({info['source']}), {info['resolution']}x{info['resolution']}, batch "
+            f"{info['batch_size']}, {info['dtype']}, {info['device']} ({info['device_name']}), "
+            f"{info['repeats']} interleaved repeats after {info['warmup']} warm-up")
+    lines = [head, "", "| method | median ms | IQR ms | speedup | GFLOPs | peak MB | tokens kept (q / kv) |",
+             "|---|---:|---:|---:|---:|---:|---|"]
+    for r in df.to_dict("records"):
+        kept = json.loads(r["tokens_kept"]) if r["tokens_kept"] else {}
+        kept_s = "; ".join(f"L{lvl}: {v['queries']:.2f} / {v['keys_values']:.2f}" for lvl, v in kept.items()) or "-"
+        gf = f"{r['gflops']:.4g}" if r["gflops"] is not None else "-"
+        mem = f"{r['peak_memory_mb']:.0f}" if r["peak_memory_mb"] is not None else "-"
+        lines.append(f"| {r['method']} | {r['median_ms']:.1f} | {r['iqr_ms']:.1f} | {r['speedup']:.3f} | {gf} | "
+                     f"{mem} | {kept_s} |")
+    return "\n".join(lines)
+
+
+def classifier_overhead(*, backbone: str = "toy", backbone_options: dict | None = None, compressor: str = "none",
+                        images: int = 10, batch_size: int = 32, n_samples=(5, 20), to_keep=(5, 1),
+                        image_size: int | None = None) -> dict[str, float]:
+    """The classifier's wall time against (denoiser calls x one forward's time at the same batch sizes).
+
+    ``overhead = wall / expected - 1``: the time spent outside the denoiser (noising, losses,
+    bookkeeping, encoding).
+    """
+    from bigain.datamodules.toy import ToyDataModule
+    from bigain.tasks.adaptive import image_noise
+    from bigain.tasks.classification import DiffusionClassifier
+
+    module = DiffusionClassifier(backbone=backbone, backbone_options=backbone_options, compressor=compressor,
+                                 n_samples=list(n_samples), to_keep=list(to_keep), batch_size=batch_size)
+    module.configure_model()
+    dm = ToyDataModule(length=images, image_size=image_size or 32)
+    dm.setup()
+    module.num_classes, module.multilabel = dm.num_classes, False
+    module.backbone.set_classes(prompts=dm.prompts, label_ids=dm.label_ids)
+    calls: dict[int, int] = {}
+    original = module._predict
+
+    def counting(x_t, t, classes):
+        calls[len(classes)] = calls.get(len(classes), 0) + 1
+        return original(x_t, t, classes)
+
+    module._predict = counting
+    first = dm.dataset[0]
+    module.classify(first["image"], first["index"], first["label"])  # warm-up
+    calls.clear()
+    t0 = time.perf_counter()
+    for i in range(len(dm.dataset)):
+        item = dm.dataset[i]
+        module.classify(item["image"], item["index"], item["label"])
+    wall = time.perf_counter() - t0
+    x0 = module.backbone.encode(first["image"][None])[0]
+    noise = image_noise(0, 0, module.schedule, tuple(x0.shape))
+    expected = 0.0
+    for size, count in calls.items():
+        x_t = noise[:1].expand(size, *x0.shape).contiguous()
+        t = torch.full((size,), 500)
+        cls = torch.zeros(size, dtype=torch.long)
+        with torch.no_grad():
+            original(x_t, t, cls)
+            samples = []
+            for _ in range(5):
+                s = time.perf_counter()
+                original(x_t, t, cls)
+                samples.append(time.perf_counter() - s)
+        expected += count * statistics.median(samples)
+    return {"images": len(dm.dataset), "wall_s": wall, "denoiser_s": expected,
+            "overhead": wall / expected - 1.0, "calls": sum(calls.values())}

@@ -1,0 +1,80 @@
+"""Benchmark one denoiser forward under each compressor: median and spread of the latency, speedup
+against `none` from the same run, GFLOPs, peak memory (CUDA), and tokens kept per level.
+
+Models: sd2-unet, sdxl-unet, dit-xl-2 (256 or 512 with --resolution) and toy are built from
+bundled diffusers configs with RANDOM weights (speed and FLOPs do not depend on weight values), or
+give a real checkpoint with --model-path. Methods are `name[:key=value,...]`, e.g. `tome:ratio=0.7`
+or `bigain_td:factor=2,alpha=0.5`; they run interleaved so their ratios are measured side by side.
+
+`--task classifier` instead reports the diffusion classifier's wall time against (denoiser calls x
+the time of one forward at the same batch size): the classifier's own overhead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import sys
+from pathlib import Path
+
+from bigain.bench import BENCH_MODELS, DEFAULT_METHODS, classifier_overhead, format_table, run_bench
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--task", choices=["denoiser", "classifier"], default="denoiser")
+    parser.add_argument("--model", default="sd2-unet", help=f"one of {', '.join(BENCH_MODELS)} (default sd2-unet)")
+    parser.add_argument("--model-path", default=None, help="a real checkpoint: hub id or local pipeline folder")
+    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), metavar="METHOD",
+                        help="methods to time (default: %(default)s)")
+    parser.add_argument("--resolution", type=int, default=512, help="image side in pixels (default 512)")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    parser.add_argument("--repeats", type=int, default=5, help="timed forwards per method (interleaved)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed forwards per method first")
+    parser.add_argument("--max-downsample", type=int, default=1, help="UNet levels to compress (default 1)")
+    parser.add_argument("--blocks", default="paper", help="DiT blocks: paper, all, or e.g. 1,2,3")
+    parser.add_argument("--compare-tomesd", action="store_true", help="also time the tomesd package's patch")
+    parser.add_argument("--no-flops", action="store_true", help="skip the FLOP count")
+    parser.add_argument("--out", default=None, help="folder for bench.csv / bench.md (default runs/bench/<time>)")
+    parser.add_argument("--images", type=int, default=10, help="classifier task: images to classify")
+    parser.add_argument("--compressor", default="none", help="classifier task: compressor")
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Path(args.out or Path("runs") / "bench" / _dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    out.mkdir(parents=True, exist_ok=True)
+    if args.task == "classifier":
+        result = classifier_overhead(backbone="toy" if args.model in ("toy", "sd2-unet") else args.model,
+                                     compressor=args.compressor, images=args.images, batch_size=args.batch_size)
+        (out / "classifier_overhead.json").write_text(json.dumps(result, indent=2))
+        print(json.dumps(result, indent=2))
+        return 0
+    blocks = args.blocks if args.blocks in ("paper", "all") else [int(b) for b in args.blocks.split(",")]
+
+    def progress(done: int, total: int) -> None:
+        print(f"\rrepeat {done}/{total}", end="", file=sys.stderr, flush=True)
+
+    print("Random weights: speed and FLOPs do not depend on weight values." if not args.model_path else
+          f"Checkpoint: {args.model_path}", file=sys.stderr)
+    df, info = run_bench(model=args.model, model_path=args.model_path, methods=args.methods,
+                         resolution=args.resolution, batch_size=args.batch_size, dtype=args.dtype,
+                         device=args.device, repeats=args.repeats, warmup=args.warmup,
+                         max_downsample=args.max_downsample, blocks=blocks, compare_tomesd=args.compare_tomesd,
+                         flops=not args.no_flops, progress=progress)
+    print(file=sys.stderr)
+    table = format_table(df, info)
+    command = "bigain bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "bigain bench"
+    df.to_csv(out / "bench.csv", index=False)
+    (out / "bench.md").write_text(f"{table}\n\nCommand: `{command}`\n")
+    (out / "bench.json").write_text(json.dumps(info, indent=2, default=str))
+    print(table)
+    print(f"\nwritten to {out}")
+    return 0

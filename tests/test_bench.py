@@ -1,0 +1,73 @@
+"""The benchmark's measurements (not its timings): FLOP counts against the analytic count."""
+
+import json
+
+import pytest
+import torch
+
+import bigain
+from bigain.bench import classifier_overhead, count_flops, format_table, parse_method, run_bench
+from bigain.errors import ConfigError, UnknownNameError
+from bigain.testing import tiny_unet
+
+
+def unet_inputs(batch=2):
+    g = torch.Generator().manual_seed(0)
+    return {"sample": torch.randn(batch, 4, 16, 16, generator=g), "timestep": torch.full((batch,), 500),
+            "encoder_hidden_states": torch.randn(batch, 5, 32, generator=g)}
+
+
+# The tiny UNet's full-resolution level: 3 self-attention layers, C = 32 channels, N = 16*16 tokens.
+LAYERS, C, N = 3, 32, 256
+
+
+def test_flops_of_kv_downsampling_match_the_analytic_count():
+    unet, inputs = tiny_unet(), unet_inputs()
+    base = count_flops(unet, inputs)
+    with bigain.apply(unet, "todo", factor=2):
+        todo = count_flops(unet, inputs)
+    m = N // 4
+    # attention QK^T and AV shrink from N x N to N x M; the K and V projections from N to M tokens
+    per_layer = 4 * N * C * (N - m) + 2 * 2 * C * C * (N - m)
+    assert base - todo == 2 * LAYERS * per_layer
+
+
+def test_flops_of_merging_match_the_analytic_count():
+    unet, inputs = tiny_unet(), unet_inputs()
+    base = count_flops(unet, inputs)
+    with bigain.apply(unet, "tome", ratio=0.5, dst="topleft"):
+        tome = count_flops(unet, inputs)
+    kept = N - int(N * 0.5)
+    dst = N // 4
+    saved = 4 * C * (N * N - kept * kept) + 4 * 2 * C * C * (N - kept)  # attention + q, k, v, out projections
+    matching = 2 * (N - dst) * dst * C  # the source x destination similarity matmul
+    assert base - tome == 2 * LAYERS * (saved - matching)
+
+
+def test_run_bench_reports_every_method_against_none():
+    df, info = run_bench(model="toy", methods=["tome:ratio=0.5", "todo:factor=2"], repeats=1, warmup=0)
+    assert df["method"].tolist() == ["none", "tome:ratio=0.5", "todo:factor=2"]
+    assert df.loc[0, "speedup"] == 1.0 and (df["median_ms"] > 0).all()
+    assert df.loc[2, "gflops"] < df.loc[0, "gflops"]
+    assert json.loads(df.loc[1, "tokens_kept"]) == {"1": {"queries": 0.5, "keys_values": 0.5}}
+    assert "random weights" in info["source"] and "| todo:factor=2 |" in format_table(df, info)
+
+
+def test_method_specs_are_validated():
+    assert parse_method("bigain_td:factor=2,alpha=0.5").options == {"factor": 2, "alpha": 0.5}
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_method("tome:0.5")
+    with pytest.raises(UnknownNameError, match="Did you mean"):
+        parse_method("tomee:ratio=0.5")
+    with pytest.raises(UnknownNameError, match="sd2-unet"):
+        run_bench(model="sd3", repeats=1)
+
+
+def test_classifier_overhead_reports_wall_against_denoiser_time(tmp_path):
+    from bigain.testing import save_tiny_dit
+
+    path = save_tiny_dit(tmp_path / "dit")
+    result = classifier_overhead(backbone="dit", backbone_options={"path": path}, images=2, n_samples=(2, 4),
+                                 to_keep=(3, 1), image_size=16)
+    assert result["images"] == 2 and result["calls"] == 2 * 2  # two calls per image at batch 32
+    assert result["wall_s"] > 0 and result["denoiser_s"] > 0
