@@ -11,7 +11,8 @@ from typing import Any
 
 import pandas as pd
 
-__all__ = ["wilson_interval", "mcnemar_exact", "classification_summary", "write_summary"]
+__all__ = ["wilson_interval", "mcnemar_exact", "classification_summary", "write_summary", "load_runs",
+           "paired_comparison", "summarize_runs", "write_report"]
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
@@ -68,3 +69,222 @@ def write_summary(row: dict[str, Any], folder, title: str = "Summary") -> None:
             value = f"{value:.4f}"
         lines.append(f"| {key} | {value} |")
     (folder / "summary.md").write_text("\n".join(lines) + "\n")
+
+
+# -- many runs ------------------------------------------------------------------------------------
+
+def _find_runs(paths) -> list:
+    from pathlib import Path
+
+    found = []
+    for p in paths:
+        p = Path(p)
+        if (p / "run.json").is_file():
+            found.append(p)
+        elif p.is_dir():
+            found += sorted(q.parent for q in p.rglob("run.json"))
+        else:
+            from bigain.errors import RunFolderError
+
+            raise RunFolderError(f"{p} is neither a run folder (with run.json) nor a folder holding runs")
+    unique = []
+    for p in found:
+        if p.resolve() not in [u.resolve() for u in unique]:
+            unique.append(p)
+    return unique
+
+
+def load_runs(paths) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Read run folders (or folders of them, like a sweep) into ``(runs, records)``.
+
+    ``runs`` has one row per run (its identity, configuration and summary); ``records`` holds every
+    record of every run, keyed by ``(run, index)``. Runs without ``records.parquet`` (unfinished)
+    are read from their shards.
+    """
+    import json
+
+    from bigain.runs import RunFolder
+
+    run_rows, record_frames = [], []
+    for path in _find_runs(paths):
+        folder = RunFolder(path)
+        meta = folder.read_meta() or {}
+        rc = meta.get("result_config", {})
+        model = rc.get("model", {})
+        data = rc.get("data", {})
+        summary = dict(meta.get("summary") or {})
+        hp = model.get("compressor_options") or {}
+        row = {
+            "run": str(path), "task": meta.get("task"), "status": meta.get("status"),
+            "backbone": model.get("backbone"),
+            "backbone_options": json.dumps(model.get("backbone_options") or {}, sort_keys=True),
+            "dataset": (meta.get("data") or {}).get("name") or str(data.get("class_path", "")).rsplit(".", 1)[-1],
+            "data_config": json.dumps(data, sort_keys=True, default=str),
+            "method": model.get("compressor"), "hyperparameters": json.dumps(hp, sort_keys=True),
+            "seed": model.get("seed"),
+            "protocol": json.dumps({k: model.get(k) for k in ("n_samples", "to_keep", "n_trials", "loss", "steps",
+                                                              "sampler", "guidance_scale", "max_downsample",
+                                                              "blocks")}, sort_keys=True),
+            "gflops": (meta.get("compression") or {}).get("gflops_per_forward"),
+            "tokens_kept": json.dumps((meta.get("compression") or {}).get("tokens_kept") or {}),
+            "world_size": meta.get("world_size"),
+            "device": ", ".join((meta.get("device") or {}).get("gpus") or []) or "cpu",
+        }
+        for key, value in summary.items():
+            if key not in row and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+                row[key] = value
+        for name, result in (meta.get("metrics") or {}).items():
+            if isinstance(result, dict) and isinstance(result.get("value"), (int, float)):
+                row[name] = result["value"]
+        path_parquet = path / "records.parquet"
+        records = pd.read_parquet(path_parquet) if path_parquet.is_file() else folder.merged_records()
+        if len(records):
+            record_frames.append(records.assign(run=str(path)))
+            if row["task"] == "classify" and "correct" in records:
+                row.update(classification_summary(records))  # the records are the truth
+        run_rows.append(row)
+    runs = pd.DataFrame(run_rows)
+    records = pd.concat(record_frames, ignore_index=True) if record_frames else pd.DataFrame(columns=["run", "index"])
+    return runs, records
+
+
+def _pair_key(row) -> tuple:
+    return (row["task"], row["backbone"], row["backbone_options"], row["data_config"], row["protocol"])
+
+
+def paired_comparison(base: pd.DataFrame, other: pd.DataFrame) -> dict[str, Any]:
+    """Accuracy difference of ``other`` over ``base`` on the images both scored, with McNemar's exact
+    test on the discordant pairs."""
+    merged = base[["index", "correct"]].merge(other[["index", "correct"]], on="index", suffixes=("_a", "_b"))
+    a, b = merged["correct_a"].astype(bool), merged["correct_b"].astype(bool)
+    only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
+    n = len(merged)
+    return {"paired_images": n, "delta_accuracy": (b.sum() - a.sum()) / n if n else float("nan"),
+            "only_baseline_right": only_a, "only_method_right": only_b, "mcnemar_p": mcnemar_exact(only_a, only_b)}
+
+
+def summarize_runs(runs: pd.DataFrame, records: pd.DataFrame, *, baseline: str = "none") -> pd.DataFrame:
+    """One row per run with its paired comparison against the baseline run of the same setting.
+
+    The baseline of a run is the ``baseline``-method run with the same task, backbone, data and
+    protocol. Pairing also needs the same seed and the same images; when either differs the row
+    says why in ``pairing`` and carries no paired numbers - runs are never paired silently.
+    """
+    if runs.empty:
+        return runs
+    out = []
+    for _, row in runs.iterrows():
+        res = row.to_dict()
+        res["pairing"] = ""
+        bases = runs[(runs["method"] == baseline) & (runs.apply(_pair_key, axis=1) == _pair_key(row))]
+        if row["method"] == baseline:
+            res["pairing"] = "baseline"
+        elif bases.empty:
+            res["pairing"] = f"no {baseline!r} run with the same backbone, data and protocol"
+        else:
+            same_seed = bases[bases["seed"] == row["seed"]]
+            if same_seed.empty:
+                res["pairing"] = (f"not paired: the {baseline!r} run used seed {bases.iloc[0]['seed']}, "
+                                  f"this run seed {row['seed']}")
+            else:
+                b = same_seed.iloc[0]
+                mine, theirs = records[records["run"] == row["run"]], records[records["run"] == b["run"]]
+                if row["task"] == "classify" and "correct" in records:
+                    if set(mine["index"]) != set(theirs["index"]):
+                        common = len(set(mine["index"]) & set(theirs["index"]))
+                        res["pairing"] = (f"paired on the {common} images both runs scored (of {len(mine)} and "
+                                          f"{len(theirs)})")
+                    else:
+                        res["pairing"] = "paired"
+                    res.update(paired_comparison(theirs, mine))
+                else:
+                    res["pairing"] = "paired"
+                for metric in ("seconds_per_image",):
+                    if metric in row and metric in b and pd.notna(row[metric]) and row[metric]:
+                        res["speedup"] = b[metric] / row[metric]
+                if pd.notna(row.get("gflops")) and pd.notna(b.get("gflops")) and row.get("gflops"):
+                    res["flops_ratio"] = row["gflops"] / b["gflops"]
+        if row["method"] == baseline:
+            res["speedup"] = 1.0
+        out.append(res)
+    return pd.DataFrame(out)
+
+
+_CLASSIFY_COLUMNS = ["backbone", "dataset", "method", "hyperparameters", "images", "accuracy", "accuracy_low",
+                     "accuracy_high", "mAP", "delta_accuracy", "mcnemar_p", "pairing", "speedup", "gflops",
+                     "tokens_kept", "seconds_per_image", "seed", "run"]
+_GENERATE_COLUMNS = ["backbone", "dataset", "method", "hyperparameters", "images", "fid", "kid", "inception_score",
+                     "clip_score", "class_fidelity", "feature_extractor", "pairing", "speedup", "gflops",
+                     "tokens_kept", "seconds_per_image", "seed", "run"]
+
+
+def _fmt(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _markdown(df: pd.DataFrame) -> str:
+    if df.empty:
+        return "_no runs_\n"
+    cols = list(df.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for _, r in df.iterrows():
+        lines.append("| " + " | ".join(_fmt(r[c]).replace("|", "/") for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(paths, out_dir, *, baseline: str = "none", title: str = "bigain report") -> dict[str, Any]:
+    """Merge runs, compare each with its baseline, and write ``summary.csv``, ``summary.md``,
+    ``summary.html``, ``records.parquet`` and the trade-off plots into ``out_dir``."""
+    from pathlib import Path
+
+    from bigain.plots import tradeoff_plot
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    runs, records = load_runs(paths)
+    summary = summarize_runs(runs, records, baseline=baseline)
+    if not records.empty:
+        records.astype({c: str for c in records.columns if records[c].dtype == object}).to_parquet(
+            out / "records.parquet", index=False)
+    summary.to_csv(out / "summary.csv", index=False)
+    sections, files = [f"# {title}", ""], {}
+    for task, cols, label in (("classify", _CLASSIFY_COLUMNS, "Classification"),
+                              ("generate", _GENERATE_COLUMNS, "Generation")):
+        part = summary[summary["task"] == task] if not summary.empty else summary
+        if part.empty:
+            continue
+        table = part[[c for c in cols if c in part.columns]].sort_values(["backbone", "dataset", "method"])
+        sections += [f"## {label}", "", _markdown(table.drop(columns=["run"], errors="ignore")), ""]
+    plots = [("classify", "speedup", "accuracy", "accuracy_vs_speedup.png", "Accuracy vs speedup", True),
+             ("generate", "speedup", "fid", "fid_vs_speedup.png", "FID vs speedup", False)]
+    for task, x, y, name, plot_title, hib in plots:
+        part = summary[summary["task"] == task] if not summary.empty else summary
+        if not part.empty and tradeoff_plot(part, x=x, y=y, path=out / name, title=plot_title,
+                                            xlabel="measured speedup (seconds per image, baseline / method)",
+                                            higher_is_better=hib):
+            files[name] = str(out / name)
+            sections += [f"![{plot_title}]({name})", ""]
+    notes = sorted({p for p in summary.get("pairing", []) if p and p not in ("paired", "baseline")}) \
+        if not summary.empty else []
+    if notes:
+        sections += ["## Pairing notes", ""] + [f"- {n}" for n in notes] + [""]
+    markdown = "\n".join(sections)
+    (out / "summary.md").write_text(markdown)
+    (out / "summary.html").write_text(_html(title, summary, files))
+    return {"summary": summary, "records": records, "markdown": markdown, "files": files}
+
+
+def _html(title: str, summary: pd.DataFrame, files: dict[str, str]) -> str:
+    import html
+
+    body = summary.drop(columns=["run"], errors="ignore").to_html(index=False, float_format=lambda v: f"{v:.4g}",
+                                                                  na_rep="", border=0)
+    imgs = "".join(f'<p><img src="{html.escape(name)}" alt="{html.escape(name)}"></p>' for name in files)
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:13px}"
+            "td,th{padding:3px 8px;border-bottom:1px solid #ddd}</style></head>"
+            f"<body><h1>{html.escape(title)}</h1>{body}{imgs}</body></html>")

@@ -1,0 +1,58 @@
+"""Speed/quality trade-off plots (matplotlib, written as PNG): one line per method across its
+hyperparameters, the uncompressed baseline as a star."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+__all__ = ["tradeoff_plot"]
+
+
+def _short(hp: str) -> str:
+    try:
+        d = json.loads(hp)
+    except (TypeError, ValueError):
+        return str(hp)
+    keep = {k: v for k, v in d.items() if k in ("ratio", "factor", "alpha", "alpha_schedule")}
+    return ",".join(f"{k}={v}" for k, v in keep.items())
+
+
+def tradeoff_plot(summary: pd.DataFrame, *, x: str, y: str, path: str | Path, title: str,
+                  xlabel: str | None = None, ylabel: str | None = None, higher_is_better: bool = True) -> Path | None:
+    """Plot ``y`` against ``x`` per (backbone, dataset) panel; returns the path, or None if no data."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if x not in summary or y not in summary:
+        return None
+    data = summary.dropna(subset=[x, y])
+    if data.empty:
+        return None
+    panels = list(data.groupby(["backbone", "dataset"], dropna=False))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for ax, ((backbone, dataset), panel) in zip(axes[0], panels):
+        for method, group in panel.groupby("method"):
+            group = group.sort_values(x)
+            if method == "none":
+                ax.scatter(group[x], group[y], marker="*", s=180, color="black", zorder=5, label="none (baseline)")
+                continue
+            (line,) = ax.plot(group[x], group[y], marker="o", label=method)
+            for _, r in group.iterrows():
+                ax.annotate(_short(r["hyperparameters"]), (r[x], r[y]), textcoords="offset points",
+                            xytext=(4, 4), fontsize=7, color=line.get_color())
+        ax.set_title(f"{backbone} on {dataset}")
+        ax.set_xlabel(xlabel or x)
+        ax.set_ylabel((ylabel or y) + ("  (higher is better)" if higher_is_better else "  (lower is better)"))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
