@@ -1,0 +1,193 @@
+"""Sweeps: a grid of compressors x hyperparameters x tasks x datasets, one run folder per cell.
+
+A sweep file::
+
+    out: runs/sweep-toy
+    tasks: [classify, generate]
+    datasets:                          # LightningCLI data sections; a registered name is enough
+      - toy
+      - {class_path: pets, init_args: {root: /data/pets}}
+    compressors:
+      - none
+      - {name: tome, grid: {ratio: [0.5, 0.7]}}
+      - {name: bigain_td, options: {factor: 2}, grid: {alpha: [0.5, 0.9]}}
+    classify:                          # the rest of each task's config (model / trainer sections)
+      model: {backbone: toy}
+    generate:
+      model: {backbone: toy, steps: 50}
+
+Each cell is ``<out>/<task>/<dataset>/<method>`` holding ``cell.yaml`` (its full config), the run's
+files and ``log.txt``. Finished cells (``run.json`` complete, same ``cell.yaml``) are skipped; a cell
+that fails is recorded with its error in ``sweep.json`` and the others go on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import itertools
+import json
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bigain.errors import ConfigError
+from bigain.registry import create_compressor
+
+__all__ = ["Cell", "expand_sweep", "run_sweep", "load_sweep"]
+
+TASKS = ("classify", "generate")
+
+
+@dataclass
+class Cell:
+    task: str
+    dataset: str
+    method: str
+    folder: Path
+    config: dict[str, Any]
+
+    @property
+    def config_text(self) -> str:
+        return yaml.safe_dump(self.config, sort_keys=False)
+
+
+def _label(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "-".join(_label(v) for v in value)
+    return str(value).replace("/", "_").replace(" ", "")
+
+
+def _compressor_configs(entry: Any) -> list[tuple[str, dict[str, Any]]]:
+    if isinstance(entry, str):
+        entry = {"name": entry}
+    if not isinstance(entry, dict) or "name" not in entry:
+        raise ConfigError(f"a sweep compressor must be a name or {{name:, options:, grid:}}, got {entry!r}")
+    unknown = set(entry) - {"name", "options", "grid"}
+    if unknown:
+        raise ConfigError(f"sweep compressor {entry['name']!r} has unknown keys {sorted(unknown)}; use options/grid")
+    fixed = dict(entry.get("options") or {})
+    grid = dict(entry.get("grid") or {})
+    keys = list(grid)
+    out = []
+    for values in itertools.product(*[grid[k] if isinstance(grid[k], list) else [grid[k]] for k in keys]):
+        options = {**fixed, **dict(zip(keys, values))}
+        create_compressor(entry["name"], **options)  # validate every cell before running any
+        out.append((entry["name"], options))
+    return out
+
+
+def _dataset_section(entry: Any) -> tuple[str, dict[str, Any]]:
+    if isinstance(entry, str):
+        entry = {"class_path": entry}
+    if not isinstance(entry, dict) or "class_path" not in entry:
+        raise ConfigError(f"a sweep dataset must be a name or {{class_path:, init_args:}}, got {entry!r}")
+    label = entry.get("label") or str(entry["class_path"]).rsplit(".", 1)[-1]
+    section = {k: v for k, v in entry.items() if k != "label"}
+    return _label(label), section
+
+
+def expand_sweep(spec: dict[str, Any], out: str | Path | None = None) -> list[Cell]:
+    """The cells of a sweep, validated (unknown tasks or compressor options fail before any run)."""
+    out = Path(out or spec.get("out") or "runs/sweep")
+    tasks = spec.get("tasks") or ["classify"]
+    bad = [t for t in tasks if t not in TASKS]
+    if bad:
+        raise ConfigError(f"unknown sweep task(s) {bad}; tasks are {list(TASKS)}")
+    datasets = [_dataset_section(d) for d in (spec.get("datasets") or ["toy"])]
+    compressors = [c for entry in (spec.get("compressors") or ["none"]) for c in _compressor_configs(entry)]
+    cells = []
+    for task, (dlabel, dsection), (name, options) in itertools.product(tasks, datasets, compressors):
+        base = copy.deepcopy(spec.get(task) or {})
+        model = dict(base.get("model") or {})
+        model["compressor"] = name
+        model["compressor_options"] = options
+        config = {**base, "model": model, "data": copy.deepcopy(dsection)}
+        method = name + "".join(f"-{k}{_label(v)}" for k, v in sorted(options.items()))
+        cells.append(Cell(task, dlabel, method, out / task / dlabel / method, config))
+    return cells
+
+
+def load_sweep(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"sweep file {path} does not exist")
+    spec = yaml.safe_load(path.read_text())
+    if not isinstance(spec, dict):
+        raise ConfigError(f"sweep file {path} must hold a mapping (out, tasks, datasets, compressors, ...)")
+    return spec
+
+
+def _finished(cell: Cell) -> bool:
+    meta_path, cfg_path = cell.folder / "run.json", cell.folder / "cell.yaml"
+    if not (meta_path.is_file() and cfg_path.is_file()):
+        return False
+    meta = json.loads(meta_path.read_text())
+    return meta.get("status") == "complete" and cfg_path.read_text() == cell.config_text
+
+
+def _run_cell(cell: Cell, *, in_process: bool, extra_args: list[str]) -> tuple[int, str]:
+    cell.folder.mkdir(parents=True, exist_ok=True)
+    (cell.folder / "cell.yaml").write_text(cell.config_text)
+    args = [cell.task, "--config", str(cell.folder / "cell.yaml"), "--run_dir", str(cell.folder), *extra_args]
+    log = cell.folder / "log.txt"
+    if not in_process:
+        with log.open("w") as fh:
+            proc = subprocess.run([sys.executable, "-m", "bigain.cli", *args], stdout=fh, stderr=subprocess.STDOUT)
+        tail = log.read_text()[-2000:]
+        return proc.returncode, tail
+    from bigain.cli import main
+
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
+            code = main(args)
+    except BaseException as exc:  # a failing cell must not stop the sweep (Ctrl-C still does)
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        buffer.write(traceback.format_exc())
+        code = getattr(exc, "code", 1) if isinstance(exc, SystemExit) else 1
+    log.write_text(buffer.getvalue())
+    return int(code or 0), buffer.getvalue()[-2000:]
+
+
+def run_sweep(
+    spec: dict[str, Any],
+    *,
+    out: str | Path | None = None,
+    in_process: bool = False,
+    extra_args: list[str] | None = None,
+    progress: Callable[[int, int, Cell, str], None] | None = None,
+) -> dict[str, Any]:
+    """Run every cell not finished yet; returns the sweep record also written to ``sweep.json``."""
+    cells = expand_sweep(spec, out)
+    root = Path(out or spec.get("out") or "runs/sweep")
+    root.mkdir(parents=True, exist_ok=True)
+    results = []
+    for i, cell in enumerate(cells):
+        entry = {"task": cell.task, "dataset": cell.dataset, "method": cell.method, "folder": str(cell.folder)}
+        if _finished(cell):
+            entry["status"] = "skipped (finished)"
+        else:
+            start = time.perf_counter()
+            code, tail = _run_cell(cell, in_process=in_process, extra_args=list(extra_args or []))
+            entry["seconds"] = round(time.perf_counter() - start, 1)
+            if code == 0:
+                entry["status"] = "complete"
+            else:
+                entry["status"] = "failed"
+                entry["error"] = tail.strip().splitlines()[-1] if tail.strip() else f"exit code {code}"
+                entry["log"] = str(cell.folder / "log.txt")
+        results.append(entry)
+        (root / "sweep.json").write_text(json.dumps({"cells": results, "total": len(cells)}, indent=2))
+        if progress is not None:
+            progress(i + 1, len(cells), cell, entry["status"])
+    return {"cells": results, "total": len(cells), "failed": sum(r["status"] == "failed" for r in results)}
