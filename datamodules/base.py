@@ -34,8 +34,8 @@ __all__ = ["BigainDataModule", "SplitIndex", "preprocess", "load_image", "collat
 def preprocess(image, size: int) -> torch.Tensor:
     """PIL image -> float32 ``[3, size, size]`` in ``[-1, 1]``: bicubic resize of the short side to
     ``size``, center crop, RGB (ALGORITHMS.md 8.1)."""
-    from torchvision.transforms import functional as TF
     from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
 
     image = image.convert("RGB")
     image = TF.resize(image, size, interpolation=InterpolationMode.BICUBIC, antialias=True)
@@ -265,7 +265,9 @@ def read_prompts_csv(path: str | Path, num_classes: int) -> list[str]:
         reader = csv.DictReader(fh)
         missing = {"classidx", "prompt"} - set(reader.fieldnames or [])
         if missing:
-            raise DatasetError(f"prompts_csv {path} lacks column(s) {sorted(missing)}; expected classidx,classname,prompt")
+            raise DatasetError(
+                f"prompts_csv {path} lacks column(s) {sorted(missing)}; expected classidx,classname,prompt"
+            )
         rows = {int(r["classidx"]): r["prompt"] for r in reader}
     absent = [i for i in range(num_classes) if i not in rows]
     if absent:
