@@ -265,6 +265,15 @@ class CompressionHandle:
     def seed(self) -> int:
         return self._state.seed
 
+    @property
+    def enabled(self) -> bool:
+        """While False, every wrapped layer calls its original processor unchanged (still counted)."""
+        return self._state.enabled
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        self._state.enabled = bool(value)
+
     def set_seed(self, seed: int) -> None:
         """Change the seed every :class:`LayerContext` derives its randomness from."""
         self._state.seed = int(seed)

@@ -11,8 +11,8 @@ A sweep file::
       - none
       - {name: tome, grid: {ratio: [0.5, 0.7]}}
       - {name: bigain_td, options: {factor: 2}, grid: {alpha: [0.5, 0.9]}}
-    classify:                          # the rest of each task's config (model / trainer sections)
-      model: {backbone: toy}
+    classify:                          # the rest of each task's config (model / trainer sections,
+      model: {backbone: toy}           # and data: {init_args: ...} overriding the dataset's options)
     generate:
       model: {backbone: toy, steps: 50}
 
@@ -110,7 +110,10 @@ def expand_sweep(spec: dict[str, Any], out: str | Path | None = None) -> list[Ce
         model = dict(base.get("model") or {})
         model["compressor"] = name
         model["compressor_options"] = options
-        config = {**base, "model": model, "data": copy.deepcopy(dsection)}
+        data = copy.deepcopy(dsection)
+        overrides = (base.pop("data", None) or {}).get("init_args") or {}
+        data["init_args"] = {**(data.get("init_args") or {}), **overrides}  # per-task data options
+        config = {**base, "model": model, "data": data}
         method = name + "".join(f"-{k}{_label(v)}" for k, v in sorted(options.items()))
         cells.append(Cell(task, dlabel, method, out / task / dlabel / method, config))
     return cells

@@ -192,8 +192,11 @@ def test_compression_changes_the_output(unet):
     x = torch.randn(1, 4, 16, 16)
     plain = unet_call(unet, x, torch.tensor([5]))
     for name in ("tome", "bigain_tm", "todo", "bigain_td", "sito"):
-        with bigain.apply(unet, name):
+        with bigain.apply(unet, name) as handle:
             assert (unet_call(unet, x, torch.tensor([5])) - plain).abs().max() > 1e-4, name
+            handle.enabled = False  # paused: the original processors run unchanged
+            assert torch.equal(unet_call(unet, x, torch.tensor([5])), plain)
+            assert handle.stats()[0]["skipped"] == "disabled"
 
 
 def test_pipelines_and_wrappers_are_accepted(dit):
