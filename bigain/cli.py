@@ -18,6 +18,7 @@ from bigain.errors import BigainError
 COMMANDS: dict[str, tuple[str, str]] = {
     "plugins": ("bigain.commands.plugins", "list every discovered compressor and whether it loads"),
     "classify": ("bigain.commands.classify", "evaluate a (compressed) diffusion model as an image classifier"),
+    "generate": ("bigain.commands.generate", "generate images with a (compressed) diffusion model and score them"),
     "sweep": ("bigain.commands.sweep", "run a grid of compressors x options x tasks x datasets, then report"),
     "report": ("bigain.commands.report", "merge runs into one report: tables, paired statistics, plots"),
     "bench": ("bigain.commands.bench", "time one denoiser forward under each compressor, side by side"),

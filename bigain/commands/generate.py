@@ -1,0 +1,109 @@
+"""Generate images with a (compressed) diffusion model and score them (FID, KID, IS, CLIP score,
+class fidelity).
+
+Configured LightningCLI-style: `bigain generate --config run.yaml`, every option overridable by a
+flag (`--model.compressor tome --model.steps 50 --data toy --trainer.devices 2`); `--print_config`
+shows the full configuration. Results go to --run_dir: images/{index:06d}.png, records.parquet,
+contact_sheet.png, summary.csv / summary.md, run.json (with every metric's details and the
+extractor that produced it). An interrupted run resumes where it stopped when started again with
+the same configuration. The metric options (metrics, feature_extractor, clip_model,
+fidelity_classifier) are not part of the run's identity: running a finished run again with other
+metric options rescores its saved images without generating them again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bigain.commands._evaluate import run_evaluation
+from bigain.metrics import ImageFiles, score_images, single_label
+from bigain.registry import COMPRESSORS
+from bigain.reporting import write_summary
+from bigain.tasks.generation import METRIC_OPTIONS, DiffusionGenerator, to_uint8
+
+__all__ = ["main", "write_contact_sheet", "real_images"]
+
+
+def real_images(dm) -> Iterator[torch.Tensor]:
+    """The datamodule's real images (every selected index, unreadable ones left out) as uint8 batches."""
+    dm.skip_indices(set())
+    dm.setup("predict")
+    for batch in dm.predict_dataloader():
+        if len(batch["index"]) and batch.get("image") is not None:
+            yield to_uint8(batch["image"])
+
+
+def write_contact_sheet(path: Path, images: Sequence[torch.Tensor], captions: Sequence[str], *,
+                        columns: int = 8, tile: int = 128) -> Path:
+    """A grid of (up to 64) uint8 images, each with a caption line under it."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    n = min(len(images), 64)
+    columns = max(1, min(columns, n))
+    rows = max(1, -(-n // columns))
+    strip = 14
+    sheet = Image.new("RGB", (columns * tile, rows * (tile + strip)), "white")
+    draw = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default()
+    for k in range(n):
+        img = Image.fromarray(images[k].permute(1, 2, 0).numpy())
+        img = img.resize((tile, tile), Image.NEAREST if img.width < tile else Image.BICUBIC)
+        x, y = (k % columns) * tile, (k // columns) * (tile + strip)
+        sheet.paste(img, (x, y))
+        text = captions[k].encode("ascii", "replace").decode()  # the fallback bitmap font is Latin-1 only
+        text = text if len(text) <= tile // 6 else text[: tile // 6 - 3] + "..."
+        draw.text((x + 2, y + tile + 1), text, fill="black", font=font)
+    sheet.save(path)
+    return path
+
+
+def _finalize(run, model, dm, trainer) -> dict[str, Any]:
+    df = run.merged_records()
+    df.to_parquet(run.path / "records.parquet", index=False)
+    hp = model.hparams
+    indices = [int(i) for i in df["index"]]
+    images = ImageFiles(run.path / p for p in df.get("path", []))
+    prompts, labels, captions = [], [], []
+    label_ids = dm.label_ids
+    for row in df.to_dict("records"):
+        label = single_label(row.get("label"))  # None for multi-label (COCO) records
+        prompt = row.get("prompt") if isinstance(row.get("prompt"), str) else (
+            dm.prompts[label] if label is not None else None)
+        prompts.append(prompt)
+        labels.append(None if label is None else label_ids[label] if label_ids else label)  # classifier's ids
+        captions.append(f"{row['index']}: {prompt if prompt is not None else ''}")
+    if indices:
+        write_contact_sheet(run.path / "contact_sheet.png", [images[i] for i in range(min(64, len(images)))],
+                            captions)
+    device = trainer.strategy.root_device
+    metrics = score_images(images, real_images(dm), metrics=hp.metrics, feature_extractor=hp.feature_extractor,
+                           prompts=prompts, labels=labels, clip_model=hp.clip_model,
+                           fidelity_classifier=hp.fidelity_classifier, device=device) if indices else {}
+    summary: dict[str, Any] = {
+        "task": "generate", "backbone": hp.backbone, "dataset": dm.name or type(dm).__name__,
+        "compressor": hp.compressor, "hyperparameters": model.compressor.hyperparameters(), "seed": hp.seed,
+        "sampler": model.sampler_name, "steps": hp.steps, "guidance_scale": model.guidance, "images": len(df),
+        "seconds_per_image": float(df["seconds"].mean()) if "seconds" in df and len(df) else None,
+        "feature_extractor": hp.feature_extractor,
+    }
+    for name, result in metrics.items():
+        summary[name] = result.get("value", "unavailable")
+    row = {**summary, "hyperparameters": str(summary["hyperparameters"])}
+    write_summary(row, run.path, title=f"Generation: {hp.compressor} on {summary['dataset']}")
+    info = [r for r in COMPRESSORS.report() if r.name == hp.compressor]
+    previous = (run.read_meta() or {}).get("compression", {})
+    run.update_meta(model=model.backbone.describe(), metrics=metrics,
+                    metric_options={k: hp[k] for k in METRIC_OPTIONS},
+                    compression={"layers": model.handle.layers, "skipped": model.handle.skipped,
+                                 "tokens_kept": model.handle.tokens_kept() or previous.get("tokens_kept", {})},
+                    plugin=info[0].__dict__ if info else None)
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_evaluation(argv, task="generate", model_class=DiffusionGenerator, finalize=_finalize,
+                          description=__doc__)
