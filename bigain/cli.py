@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sweep": ("bigain.commands.sweep", "run a grid of compressors x options x tasks x datasets, then report"),
     "report": ("bigain.commands.report", "merge runs into one report: tables, paired statistics, plots"),
     "bench": ("bigain.commands.bench", "time one denoiser forward under each compressor, side by side"),
+    "visualize": ("bigain.commands.visualize", "merge maps, frequency retention and side-by-side samples, as PNGs"),
 }
 
 

@@ -1,0 +1,116 @@
+"""See what a compressor does: merge maps, frequency retention, side-by-side samples.
+
+merge-maps  for one image, timestep and layer: which tokens each method keeps as destinations, which
+            it merges or prunes and into what (coloured by cluster), and for the key/value methods the
+            effective pooling kernel. One PNG per method and a grid comparing them
+            (OUT/merge_maps/*.png, OUT/merge_maps/summary.csv).
+spectrum    per layer and method, the 2D FFT over the token grid of the attention output with and
+            without compression, in low / mid / high radial bands: energy retained and relative error
+            per band (OUT/spectrum.csv, spectrum.md, spectrum.png, spectrum_layers.png).
+samples     generation run folders side by side, one row per method, uncompressed first
+            (OUT/samples.png).
+
+The model is the bundled toy DiT (default; runs on CPU in seconds) or a DiT / Stable Diffusion
+checkpoint given with --model-path. Methods are `name[:key=value,...]`; --ratio and --factor fill in
+the methods that take them. Example:
+
+    bigain visualize --what all --index 3 --timestep 300 --runs runs/gen-none runs/gen-tome
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from bigain.errors import ConfigError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from bigain.analysis.probe import DEFAULT_METHODS
+
+    parser.add_argument("--what", choices=["merge-maps", "spectrum", "samples", "all"], default="all",
+                        help="which figures to draw (default all; samples only when --runs is given)")
+    parser.add_argument("--model", choices=["toy", "dit", "stable-diffusion"], default="toy",
+                        help="toy (the bundled toy DiT, default), or the family of --model-path (detected if toy)")
+    parser.add_argument("--model-path", default=None, help="a DiT or Stable Diffusion checkpoint folder or hub id")
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    parser.add_argument("--device", default="cpu", help="where to run the model (default cpu)")
+    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), metavar="METHOD",
+                        help="methods as name[:key=value,...] (default: %(default)s)")
+    parser.add_argument("--ratio", type=float, default=0.5, help="ratio of the merge/prune methods (default 0.5)")
+    parser.add_argument("--factor", type=int, default=2, help="factor of the key/value methods (default 2)")
+    parser.add_argument("--layer", type=int, default=None,
+                        help="merge maps: layer index (default: the first layer the default application compresses)")
+    parser.add_argument("--layers", default="all", help="spectrum: layer indices, e.g. 1,2,3, or all (default)")
+    parser.add_argument("--spectrum-mode", choices=["isolated", "joint"], default="isolated",
+                        help="spectrum: compress one layer at a time (default) or all --layers at once")
+    parser.add_argument("--timestep", type=int, default=500, help="diffusion timestep (default 500)")
+    image = parser.add_mutually_exclusive_group()
+    image.add_argument("--index", type=int, default=0, help="toy test image index (default 0)")
+    image.add_argument("--image", default=None, help="an image file instead of a toy test image")
+    parser.add_argument("--label", type=int, default=None,
+                        help="class id to condition on (default: the toy image's label, or 0)")
+    parser.add_argument("--prompt", default=None, help="prompt to condition a text model on (default: the toy "
+                                                       "image's class prompt, or empty)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the noise and of the compressors (default 0)")
+    parser.add_argument("--runs", nargs="+", default=None, metavar="RUN_DIR", help="samples: generation run folders")
+    parser.add_argument("--sample-indices", nargs="+", type=int, default=None, metavar="INDEX",
+                        help="samples: image indices to show (default: the first --max-samples shared ones)")
+    parser.add_argument("--max-samples", type=int, default=8, help="samples: columns at most (default 8)")
+    parser.add_argument("--out", default="runs/visualize", help="output folder (default runs/visualize)")
+
+
+def _layers(text: str) -> list[int] | None:
+    if text.strip().lower() == "all":
+        return None
+    try:
+        return [int(p) for p in text.split(",") if p.strip()]
+    except ValueError as exc:
+        raise ConfigError(f"--layers must be 'all' or comma-separated layer indices like 1,2,3; got {text!r}") from exc
+
+
+def run(args: argparse.Namespace) -> int:
+    from bigain.analysis.probe import load_backbone, load_image, parse_methods, probe_backbone, toy_image
+
+    out = Path(args.out)
+    want = {"merge-maps", "spectrum", "samples"} if args.what == "all" else {args.what}
+    if args.what == "samples" and not args.runs:
+        raise ConfigError("--what samples needs --runs RUN_DIR [RUN_DIR ...]: generation run folders "
+                          "(each with run.json and images/)")
+    written: list[Path] = []
+    if want & {"merge-maps", "spectrum"}:
+        methods = parse_methods(args.methods, ratio=args.ratio, factor=args.factor)
+        layers = _layers(args.layers)
+        if args.image is not None:
+            image, label, prompt = load_image(args.image), 0, ""
+        else:
+            image, label, prompt = toy_image(args.index)
+        backbone = load_backbone(model=args.model, path=args.model_path, dtype=args.dtype, device=args.device)
+        probe = probe_backbone(backbone, image, timestep=args.timestep,
+                               label=label if args.label is None else args.label,
+                               prompt=prompt if args.prompt is None else args.prompt, seed=args.seed)
+        source = Path(args.image).name if args.image is not None else f"toy test image {args.index}"
+        probe.description = f"{probe.description}, {source}"
+        if "merge-maps" in want:
+            from bigain.analysis.merge_maps import write_merge_maps
+
+            result = write_merge_maps(probe, methods, out, layer=args.layer, seed=args.seed)
+            written += result["files"]
+            cols = ["label", "kind", "tokens", "queries", "keys_values", "destinations", "merged", "pruned"]
+            print(result["summary"][cols].to_string(index=False))
+        if "spectrum" in want:
+            from bigain.analysis.spectrum import write_spectrum
+
+            result = write_spectrum(probe, methods, out, layers=layers, mode=args.spectrum_mode, seed=args.seed)
+            written += result["files"]
+            print(result["markdown"])
+    if "samples" in want:
+        if args.runs:
+            from bigain.analysis.samples import write_samples
+
+            written += write_samples(args.runs, out, indices=args.sample_indices, max_images=args.max_samples)["files"]
+        else:
+            print("samples: skipped (give --runs RUN_DIR ... to draw generation runs side by side)")
+    for path in written:
+        print(f"wrote {path}")
+    return 0
