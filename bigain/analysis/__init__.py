@@ -3,7 +3,7 @@
 * :mod:`bigain.analysis.probe` - one fixed denoiser forward, and the input/context of a layer
   captured in it;
 * :mod:`bigain.analysis.merge_maps` - which tokens each method keeps, merges or prunes, and the
-  effective key/value pooling kernel;
+  effective key/value pooling kernel (drawn by :mod:`bigain.analysis.merge_map_figures`);
 * :mod:`bigain.analysis.spectrum` - per band of spatial frequency, how much of the attention
   output's energy survives compression;
 * :mod:`bigain.analysis.samples` - generated images of several runs in one labelled grid.
