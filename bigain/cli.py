@@ -16,11 +16,13 @@ from bigain.errors import BigainError
 # name -> (module, one-line help). Each module defines `add_arguments(parser)` and `run(args) -> int`
 # (argparse commands) or `main(argv) -> int` (jsonargparse commands that parse their own config).
 COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("bigain.commands.demo", "the main job: every compressor on both jobs on the toy model, with a report"),
     "plugins": ("bigain.commands.plugins", "list every discovered compressor and whether it loads"),
     "classify": ("bigain.commands.classify", "evaluate a (compressed) diffusion model as an image classifier"),
     "generate": ("bigain.commands.generate", "generate images with a (compressed) diffusion model and score them"),
     "sweep": ("bigain.commands.sweep", "run a grid of compressors x options x tasks x datasets, then report"),
     "report": ("bigain.commands.report", "merge runs into one report: tables, paired statistics, plots"),
+    "toy": ("bigain.commands.toy", "train, evaluate and document the bundled toy models"),
     "bench": ("bigain.commands.bench", "time one denoiser forward under each compressor, side by side"),
     "visualize": ("bigain.commands.visualize", "merge maps, frequency retention and side-by-side samples, as PNGs"),
 }

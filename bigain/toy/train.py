@@ -1,7 +1,8 @@
 """Training of the two bundled toy models (``bigain toy train``).
 
 * :func:`train_toy_dit` trains the class-conditional pixel-space DiT (diffusers
-  ``DiTTransformer2DModel``, patch 2, 256 tokens) with epsilon prediction on the DDPM linear schedule;
+  ``DiTTransformer2DModel``, patch 2, 256 tokens) with epsilon prediction on the DDPM linear schedule
+  (min-SNR-5 loss weighting, EMA weights);
   diffusers' label embedding drops 10% of the labels to its null class during training, which is
   what classifier-free guidance needs at sampling time.
 * :func:`train_toy_classifier` trains the small timm classifier that serves as the toy FID feature
@@ -118,25 +119,27 @@ def _write_log(path: Path, rows: list[dict]) -> None:
 def train_toy_dit(
     out_dir: str | Path,
     *,
-    steps: int = 1500,
+    steps: int = 4000,
     batch_size: int = 64,
     lr: float = 1e-3,
     warmup: int = 50,
-    ema_decay: float = 0.995,
+    ema_decay: float = 0.999,
+    min_snr_gamma: float | None = 5.0,
     seed: int = 0,
     train_images: int = 200_000,
     bf16: bool = True,
     log_every: int = 25,
     progress: Callable[[int, dict], None] | None = None,
 ) -> Path:
-    """Train the toy DiT and save it (EMA weights) with ``save_pretrained`` under ``out_dir/dit``.
+    """Train the toy DiT and save it (EMA weights) as a checkpoint folder ``out_dir/toy-dit`` holding
+    ``transformer/`` and ``scheduler/`` (what ``bigain.backbones.DiT`` loads) and ``training_log.csv``.
 
     Returns:
-        The folder holding the saved model, its ``scheduler_config.json`` and ``training_log.csv``.
+        The checkpoint folder.
     """
     from diffusers import DDPMScheduler
 
-    out = Path(out_dir) / "dit"
+    out = Path(out_dir) / "toy-dit"
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)  # diffusers' label dropout draws from the global RNG during training
     gen = torch.Generator().manual_seed(seed)
@@ -160,7 +163,11 @@ def train_toy_dit(
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             pred = model(xt, timestep=t, class_labels=labels).sample
-        loss = F.mse_loss(pred.float(), noise)
+        per_sample = (pred.float() - noise).pow(2).flatten(1).mean(dim=1)
+        if min_snr_gamma is not None:  # min-SNR weighting (Hang et al., 2023): faster, better samples
+            snr = abar[t] / (1 - abar[t])
+            per_sample = per_sample * snr.clamp(max=min_snr_gamma) / snr
+        loss = per_sample.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -176,8 +183,8 @@ def train_toy_dit(
             _write_log(out / "training_log.csv", rows)
             if progress is not None:
                 progress(step, row)
-    ema.save_pretrained(out, safe_serialization=True)
-    scheduler.save_pretrained(out)
+    ema.save_pretrained(out / "transformer", safe_serialization=True)
+    scheduler.save_pretrained(out / "scheduler")
     _write_log(out / "training_log.csv", rows)
     return out
 
