@@ -30,7 +30,7 @@ from bigain.patching import apply
 from bigain.registry import create_compressor
 
 __all__ = ["BENCH_MODELS", "DEFAULT_METHODS", "MethodSpec", "parse_method", "build_bench_model",
-           "count_flops", "run_bench", "classifier_overhead", "format_table"]
+           "count_flops", "denoiser_gflops", "run_bench", "classifier_overhead", "format_table"]
 
 BENCH_MODELS = ("sd2-unet", "sdxl-unet", "dit-xl-2", "toy")
 DEFAULT_METHODS = ("none", "tome:ratio=0.5", "tome:ratio=0.7", "bigain_tm:ratio=0.5", "bigain_tm:ratio=0.7",
@@ -164,6 +164,27 @@ def count_flops(model: nn.Module, inputs: dict[str, Any]) -> int:
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(**inputs)
     return int(counter.get_total_flops())
+
+
+def denoiser_gflops(backbone: Any, image_size: int) -> float | None:
+    """GFLOPs of one denoiser forward at batch 1 for ``image_size`` images, through whatever
+    compressor is attached (``None`` when the backbone cannot build a condition yet)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    _register_cpu_sdpa_flops()
+    device = backbone.device
+    x = torch.zeros(1, *backbone.latent_shape(image_size), device=device)
+    t = torch.full((1,), backbone.num_train_timesteps // 2, device=device)
+    try:
+        cond = backbone.class_conditions(torch.zeros(1, dtype=torch.long))
+    except Exception:
+        try:
+            cond = backbone.null_conditions(1)
+        except Exception:
+            return None
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        backbone.predict_noise(x, t, cond)
+    return counter.get_total_flops() / 1e9
 
 
 def _forward_seconds(model: nn.Module, inputs: dict[str, Any], device: str) -> float:

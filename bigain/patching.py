@@ -263,6 +263,7 @@ class CompressionHandle:
 
     @property
     def seed(self) -> int:
+        """The seed every :class:`LayerContext` derives its randomness from."""
         return self._state.seed
 
     @property
@@ -283,6 +284,7 @@ class CompressionHandle:
         return [layer.stats.as_dict() for layer in self._layers]
 
     def reset_stats(self) -> None:
+        """Forget the token counts measured so far (for example between a warm-up and a measurement)."""
         for layer in self._layers:
             layer.stats = LayerStats(layer.name, layer.level)
 

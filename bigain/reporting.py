@@ -47,7 +47,8 @@ def classification_summary(records: pd.DataFrame) -> dict[str, Any]:
     out: dict[str, Any] = {"images": n, "correct": correct, "accuracy": correct / n,
                            "accuracy_low": low, "accuracy_high": high}
     if "label" in records and "top5" in records:
-        out["top5_accuracy"] = float(sum(int(lab) in list(top) for lab, top in zip(records["label"], records["top5"])) / n)
+        hits = sum(int(lab) in list(top) for lab, top in zip(records["label"], records["top5"]))
+        out["top5_accuracy"] = float(hits / n)
     if "average_precision" in records:
         out["mAP"] = float(records["average_precision"].mean())
     for col in ("evaluations", "forward_calls", "seconds"):
@@ -236,9 +237,11 @@ def _markdown(df: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(paths, out_dir, *, baseline: str = "none", title: str = "bigain report") -> dict[str, Any]:
+def write_report(paths, out_dir, *, baseline: str = "none", title: str = "bigain report",
+                 spectrum: Any = None) -> dict[str, Any]:
     """Merge runs, compare each with its baseline, and write ``summary.csv``, ``summary.md``,
-    ``summary.html``, ``records.parquet`` and the trade-off plots into ``out_dir``."""
+    ``summary.html``, ``records.parquet`` and the trade-off plots into ``out_dir``. ``spectrum`` (the
+    ``spectrum.csv`` of ``bigain visualize``) adds the frequency-retention table."""
     from pathlib import Path
 
     from bigain.plots import tradeoff_plot
@@ -272,6 +275,11 @@ def write_report(paths, out_dir, *, baseline: str = "none", title: str = "bigain
         if not summary.empty else []
     if notes:
         sections += ["## Pairing notes", ""] + [f"- {n}" for n in notes] + [""]
+    if spectrum is not None:
+        from bigain.analysis.spectrum import spectrum_markdown
+
+        sections += ["## Frequency retention (bigain visualize)", "",
+                     spectrum_markdown(pd.read_csv(spectrum), title=None), ""]
     markdown = "\n".join(sections)
     (out / "summary.md").write_text(markdown)
     (out / "summary.html").write_text(_html(title, summary, files))

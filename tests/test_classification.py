@@ -73,7 +73,7 @@ def test_classifier_picks_the_lowest_error_class_and_shares_noise_across_classes
     assert result.prediction == 3 and result.ranking[0] == 3
     assert result.evaluations == 6 * 2 + 2 * 2 and result.forward_calls == 3 + 1
     by_t = {}
-    for (c, t), x_t in seen.items():
+    for (_, t), x_t in seen.items():
         by_t.setdefault(t, []).append(x_t)
     for t, xs in by_t.items():
         assert all(torch.equal(xs[0], x) for x in xs[1:]), t  # same noise for every class
@@ -121,7 +121,7 @@ def test_noise_is_the_same_for_every_compressor(ckpts):
         values = list(per_comp.values())
         assert all(torch.equal(values[0], v) for v in values[1:])
     per_t = {}
-    for (t, c), per_comp in fed.items():
+    for (t, _), per_comp in fed.items():
         per_t.setdefault(t, []).append(per_comp["none"])
     assert all(all(torch.equal(v[0], x) for x in v[1:]) for v in per_t.values())
 
@@ -218,7 +218,8 @@ def test_bad_input_gives_clear_errors(ckpts, tmp_path, capsys):
     with pytest.raises(CheckpointError, match="does not exist"):
         DiT(path=str(tmp_path / "nowhere"))
     (tmp_path / "half" / "unet").mkdir(parents=True)
-    with pytest.raises(CheckpointError, match=r"incomplete: missing \['vae', 'text_encoder', 'tokenizer', 'scheduler'\]"):
+    missing = r"incomplete: missing \['vae', 'text_encoder', 'tokenizer', 'scheduler'\]"
+    with pytest.raises(CheckpointError, match=missing):
         StableDiffusion(path=str(tmp_path / "half"))
 
 
@@ -231,4 +232,5 @@ def test_a_run_folder_with_another_config_is_refused(ckpts, tmp_path, capsys):
     assert main(dit_args(ckpts, run, "--model.compressor", "todo", "--overwrite", "true", length=2)) == 0
     meta = json.loads((run / "run.json").read_text())
     assert meta["result_config"]["model"]["compressor"] == "todo" and meta["status"] == "complete"
-    assert main(dit_args(ckpts, run, "--model.compressor", "todo", "--model.batch_size", "7", length=2)) == 0  # same results
+    # batch size does not change results: the same folder is accepted
+    assert main(dit_args(ckpts, run, "--model.compressor", "todo", "--model.batch_size", "7", length=2)) == 0

@@ -136,7 +136,7 @@ def test_tome_merge_is_mean_and_unmerge_copies_back():
 
 @pytest.mark.parametrize("ratio", [0.3, 0.5, 0.7])
 def test_tome_matches_tomesd_merge_functions(ratio):
-    tomesd = pytest.importorskip("tomesd")
+    pytest.importorskip("tomesd")
     from tomesd.merge import bipartite_soft_matching_random2d
 
     for h, w in [(8, 8), (6, 10), (7, 5)]:

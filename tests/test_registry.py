@@ -76,7 +76,8 @@ def test_unknown_name_suggests_and_lists():
 
 
 def test_name_clash_names_both_distributions():
-    reg = registry(FakeEntryPoint("fast", "a:A", "dist-a", obj=Dummy), FakeEntryPoint("fast", "b:B", "dist-b", obj=Dummy))
+    reg = registry(FakeEntryPoint("fast", "a:A", "dist-a", obj=Dummy),
+                   FakeEntryPoint("fast", "b:B", "dist-b", obj=Dummy))
     with pytest.raises(PluginConflictError, match="dist-a.*dist-b"):
         reg.get("fast")
     assert {r.distribution for r in reg.report()} == {"dist-a", "dist-b"}

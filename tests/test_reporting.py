@@ -1,6 +1,5 @@
 """Report maths and pairing rules, on small synthetic run folders."""
 
-import json
 
 import pandas as pd
 import pytest
@@ -89,3 +88,15 @@ def test_report_of_nothing_is_an_error(tmp_path):
 
     with pytest.raises(RunFolderError, match="neither a run folder"):
         load_runs([tmp_path / "missing"])
+
+
+def test_report_includes_the_frequency_retention_table(tmp_path):
+    make_run(tmp_path / "runs", "base", "none", [1, 0])
+    edges = {"low": (0.0, 0.25), "mid": (0.25, 0.5), "high": (0.5, 1.5)}
+    spectrum = pd.DataFrame([{"label": "tome:ratio=0.5", "layer": 1, "band": band, "retained": 0.9,
+                              "relative_error": 0.1, "r_from": lo, "r_to": hi, "mode": "single", "timestep": 500}
+                             for band, (lo, hi) in edges.items()])
+    spectrum.to_csv(tmp_path / "spectrum.csv", index=False)
+    write_report([tmp_path / "runs"], tmp_path / "report", spectrum=tmp_path / "spectrum.csv")
+    md = (tmp_path / "report" / "summary.md").read_text()
+    assert "## Frequency retention" in md and "tome:ratio=0.5" in md

@@ -78,6 +78,13 @@ class DiT(DiffusionBackbone):
 
     def set_classes(self, *, prompts: Sequence[str], label_ids: Sequence[int] | None = None) -> None:
         k = len(prompts)
+        if label_ids is None and k != self.num_model_classes:
+            raise ConfigError(
+                f"the dataset has {k} classes with no ids in this DiT's label space ({self.num_model_classes} "
+                f"classes): a class-conditional model can only score classes it was trained on. Use a dataset "
+                f"whose datamodule maps its classes to the model's ids (label_ids; ImageNet and ImageNet-100 "
+                f"do, for DiT-XL/2), or a text-conditioned model (stable-diffusion) for other datasets"
+            )
         ids = list(range(k)) if label_ids is None else [int(i) for i in label_ids]
         if len(ids) != k:
             raise ConfigError(f"label_ids has {len(ids)} entries for {k} classes")

@@ -42,7 +42,7 @@ def load_component(cls: Any, path: str, subfolder: str | None, *, what: str, **k
         if subfolder:
             return cls.from_pretrained(path, subfolder=subfolder, **kwargs)
         return cls.from_pretrained(path, **kwargs)
-    except (OSError, ValueError, EnvironmentError) as exc:
+    except (OSError, ValueError) as exc:
         where = f"{path}/{subfolder}" if subfolder else path
         hint = ("" if is_local(path) else
                 " If this machine is offline, download the checkpoint elsewhere and give its local folder.")

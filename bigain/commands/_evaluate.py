@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from bigain.datamodules.registry import datamodule_class_path
 from bigain.errors import BigainError
 from bigain.runs import RecordWriter, RunFolder, environment_info
 
-__all__ = ["run_evaluation", "EvalProgressBar", "translate_names"]
+__all__ = ["run_evaluation", "EvalProgressBar", "translate_names", "model_meta"]
 
 # Options of a datamodule that never change results (left out of the run's fingerprint).
 _NON_RESULT_DATA = {"batch_size", "num_workers", "pin_memory", "on_bad_image"}
@@ -75,6 +76,21 @@ def _translate_config(path: Path) -> str:
     return text
 
 
+def model_meta(run: RunFolder, model: Any, dm: BigainDataModule) -> dict[str, Any]:
+    """What ``run.json`` records about the model and its compression (measured on rank 0)."""
+    from bigain.bench import denoiser_gflops
+    from bigain.registry import COMPRESSORS
+
+    previous = (run.read_meta() or {}).get("compression", {})
+    compression = {"layers": model.handle.layers, "skipped": model.handle.skipped,
+                   # a run with nothing left to do keeps the earlier measurement
+                   "tokens_kept": model.handle.tokens_kept() or previous.get("tokens_kept", {})}
+    compression["gflops_per_forward"] = denoiser_gflops(model.backbone, int(dm.image_size))
+    info = [r for r in COMPRESSORS.report() if r.name == model.hparams.compressor]
+    return {"model": model.backbone.describe(), "compression": compression,
+            "plugin": info[0].__dict__ if info else None}
+
+
 class _EvalCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--run_dir", type=str, default=None,
@@ -91,17 +107,8 @@ def _data_result_config(cfg_data: Any) -> dict[str, Any]:
     return {"class_path": data.get("class_path"), "init_args": init}
 
 
-def run_evaluation(
-    argv: Sequence[str] | None,
-    *,
-    task: str,
-    model_class: type,
-    finalize: Callable[[RunFolder, Any, BigainDataModule, Any], dict[str, Any]],
-    description: str,
-) -> int:
-    """Parse the config, claim the run folder, predict with per-rank writers, merge on rank 0."""
-    argv = translate_names(sys.argv[2:] if argv is None else argv)
-    cli = _EvalCLI(
+def _build_cli(model_class: type, argv: list[str], task: str, description: str) -> _EvalCLI:
+    return _EvalCLI(
         model_class,
         BigainDataModule,
         subclass_mode_data=True,
@@ -115,6 +122,21 @@ def run_evaluation(
                           "devices": 1, "accelerator": "auto"},
         parser_kwargs={"prog": f"bigain {task}", "description": description, "default_env": False},
     )
+
+
+def run_evaluation(
+    argv: Sequence[str] | None,
+    *,
+    task: str,
+    model_class: type,
+    finalize: Callable[[RunFolder, Any, BigainDataModule, Any], dict[str, Any]],
+    description: str,
+) -> int:
+    """Parse the config, claim the run folder, predict with per-rank writers, merge on rank 0."""
+    argv = translate_names(sys.argv[2:] if argv is None else argv)
+    with warnings.catch_warnings():  # we pass args= on purpose (the dispatcher owns sys.argv)
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        cli = _build_cli(model_class, argv, task, description)
     cfg, model, dm, trainer = cli.config, cli.model, cli.datamodule, cli.trainer
     run_dir = cfg.run_dir or str(Path("runs") / task / (
         f"{cfg.model.compressor}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"))

@@ -28,7 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), metavar="METHOD",
                         help="methods to time (default: %(default)s)")
     parser.add_argument("--resolution", type=int, default=512, help="image side in pixels (default 512)")
-    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="denoiser: samples per forward (default 1); classifier: (class, timestep) pairs per "
+                             "forward (default 32)")
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
     parser.add_argument("--repeats", type=int, default=5, help="timed forwards per method (interleaved)")
@@ -40,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="folder for bench.csv / bench.md (default runs/bench/<time>)")
     parser.add_argument("--images", type=int, default=10, help="classifier task: images to classify")
     parser.add_argument("--compressor", default="none", help="classifier task: compressor")
+    parser.add_argument("--backbone", default="toy",
+                        help="classifier task: registered backbone (toy, dit, stable-diffusion); its checkpoint "
+                             "from --model-path")
 
 
 def _cuda() -> bool:
@@ -52,8 +57,9 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out or Path("runs") / "bench" / _dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
     out.mkdir(parents=True, exist_ok=True)
     if args.task == "classifier":
-        result = classifier_overhead(backbone="toy" if args.model in ("toy", "sd2-unet") else args.model,
-                                     compressor=args.compressor, images=args.images, batch_size=args.batch_size)
+        options = {"path": args.model_path} if args.model_path else None
+        result = classifier_overhead(backbone=args.backbone, backbone_options=options, compressor=args.compressor,
+                                     images=args.images, batch_size=args.batch_size or 32)
         (out / "classifier_overhead.json").write_text(json.dumps(result, indent=2))
         print(json.dumps(result, indent=2))
         return 0
@@ -65,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     print("Random weights: speed and FLOPs do not depend on weight values." if not args.model_path else
           f"Checkpoint: {args.model_path}", file=sys.stderr)
     df, info = run_bench(model=args.model, model_path=args.model_path, methods=args.methods,
-                         resolution=args.resolution, batch_size=args.batch_size, dtype=args.dtype,
+                         resolution=args.resolution, batch_size=args.batch_size or 1, dtype=args.dtype,
                          device=args.device, repeats=args.repeats, warmup=args.warmup,
                          max_downsample=args.max_downsample, blocks=blocks, compare_tomesd=args.compare_tomesd,
                          flops=not args.no_flops, progress=progress)

@@ -12,9 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from bigain.commands._evaluate import run_evaluation
+from bigain.commands._evaluate import model_meta, run_evaluation
 from bigain.reporting import classification_summary, write_summary
-from bigain.registry import COMPRESSORS
 from bigain.tasks.classification import DiffusionClassifier
 
 
@@ -27,13 +26,7 @@ def _finalize(run, model, dm, trainer) -> dict[str, Any]:
                "seed": hp.seed, **classification_summary(df)}
     row = {**summary, "hyperparameters": str(summary["hyperparameters"])}
     write_summary(row, run.path, title=f"Classification: {hp.compressor} on {summary['dataset']}")
-    info = [r for r in COMPRESSORS.report() if r.name == hp.compressor]
-    previous = (run.read_meta() or {}).get("compression", {})
-    run.update_meta(model=model.backbone.describe(),
-                    compression={"layers": model.handle.layers, "skipped": model.handle.skipped,
-                                 # measured on rank 0; a run with nothing left to do keeps the earlier value
-                                 "tokens_kept": model.handle.tokens_kept() or previous.get("tokens_kept", {})},
-                    plugin=info[0].__dict__ if info else None)
+    run.update_meta(**model_meta(run, model, dm))
     return summary
 
 

@@ -19,9 +19,8 @@ from typing import Any
 
 import torch
 
-from bigain.commands._evaluate import run_evaluation
+from bigain.commands._evaluate import model_meta, run_evaluation
 from bigain.metrics import ImageFiles, score_images, single_label
-from bigain.registry import COMPRESSORS
 from bigain.reporting import write_summary
 from bigain.tasks.generation import METRIC_OPTIONS, DiffusionGenerator, to_uint8
 
@@ -94,13 +93,7 @@ def _finalize(run, model, dm, trainer) -> dict[str, Any]:
         summary[name] = result.get("value", "unavailable")
     row = {**summary, "hyperparameters": str(summary["hyperparameters"])}
     write_summary(row, run.path, title=f"Generation: {hp.compressor} on {summary['dataset']}")
-    info = [r for r in COMPRESSORS.report() if r.name == hp.compressor]
-    previous = (run.read_meta() or {}).get("compression", {})
-    run.update_meta(model=model.backbone.describe(), metrics=metrics,
-                    metric_options={k: hp[k] for k in METRIC_OPTIONS},
-                    compression={"layers": model.handle.layers, "skipped": model.handle.skipped,
-                                 "tokens_kept": model.handle.tokens_kept() or previous.get("tokens_kept", {})},
-                    plugin=info[0].__dict__ if info else None)
+    run.update_meta(metrics=metrics, metric_options={k: hp[k] for k in METRIC_OPTIONS}, **model_meta(run, model, dm))
     return summary
 
 

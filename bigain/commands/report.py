@@ -18,13 +18,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="output folder (default: the first path's report/ folder)")
     parser.add_argument("--baseline", default="none", help="method every run is compared with (default none)")
     parser.add_argument("--title", default="bigain report")
+    parser.add_argument("--spectrum", default=None, metavar="CSV",
+                        help="add the frequency-retention table of `bigain visualize` (its spectrum.csv)")
 
 
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     out = Path(args.out) if args.out else Path(args.paths[0]) / "report"
-    result = write_report(args.paths, out, baseline=args.baseline, title=args.title)
+    result = write_report(args.paths, out, baseline=args.baseline, title=args.title, spectrum=args.spectrum)
     print(result["markdown"])
     print(f"written to {out}")
     return 0

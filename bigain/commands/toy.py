@@ -36,8 +36,7 @@ def _log(message: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bigain.toy.evaluate import classifier_accuracy, class_fidelity, diffusion_classifier_accuracy, \
-        write_model_card
+    from bigain.toy.evaluate import class_fidelity, classifier_accuracy, diffusion_classifier_accuracy, write_model_card
     from bigain.toy.train import train_toy_classifier, train_toy_dit
 
     assets = Path(args.assets)

@@ -12,32 +12,17 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-import lightning as L
 import torch
 
-from bigain.backbones import BACKBONES, DiffusionBackbone
+from bigain.backbones import DiffusionBackbone
 from bigain.errors import ConfigError
-from bigain.patching import apply
-from bigain.registry import create_compressor
 from bigain.tasks.adaptive import AdaptiveSchedule, average_precision, classify_image, image_noise
+from bigain.tasks.base import DiffusionTask
 
-__all__ = ["DiffusionClassifier", "build_backbone"]
-
-
-def build_backbone(name: str, options: dict[str, Any] | None) -> DiffusionBackbone:
-    """Build a registered backbone, checking its options first."""
-    import inspect
-
-    cls = BACKBONES.get(name)
-    options = dict(options or {})
-    allowed = [p.name for p in inspect.signature(cls.__init__).parameters.values() if p.kind is p.KEYWORD_ONLY]
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise ConfigError(f"backbone {name!r} has no option(s) {unknown}; its options are {allowed}")
-    return cls(**options)
+__all__ = ["DiffusionClassifier"]
 
 
-class DiffusionClassifier(L.LightningModule):
+class DiffusionClassifier(DiffusionTask):
     """Classify images with a (compressed) diffusion model, the Diffusion Classifier way.
 
     Args:
@@ -71,17 +56,13 @@ class DiffusionClassifier(L.LightningModule):
         batch_size: int = 32,
         seed: int = 0,
     ) -> None:
-        super().__init__()
-        BACKBONES.get(backbone)  # unknown names fail here, with suggestions
-        self.compressor = create_compressor(compressor, **dict(compressor_options or {}))
+        super().__init__(backbone=backbone, compressor=compressor, compressor_options=compressor_options)
         AdaptiveSchedule(tuple(n_samples), tuple(to_keep), 1000, n_trials)  # validated early
         if loss not in ("l2", "l1", "huber"):
             raise ConfigError(f"loss must be 'l2', 'l1' or 'huber', got {loss!r}")
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         self.save_hyperparameters()
-        self.backbone: DiffusionBackbone | None = None
-        self.handle = None
         self.schedule: AdaptiveSchedule | None = None
         self._seen = 0
         self._correct = 0
@@ -94,26 +75,16 @@ class DiffusionClassifier(L.LightningModule):
         hp["compressor_options"] = self.compressor.hyperparameters()
         return hp
 
-    def configure_model(self) -> None:
-        if self.backbone is not None:
-            return
+    def check_backbone(self, backbone: DiffusionBackbone) -> None:
         hp = self.hparams
-        self.backbone = build_backbone(hp.backbone, hp.backbone_options)
-        self.schedule = AdaptiveSchedule(tuple(hp.n_samples), tuple(hp.to_keep),
-                                         self.backbone.num_train_timesteps, hp.n_trials)
-        self.handle = apply(self.backbone, self.compressor, max_downsample=hp.max_downsample,
-                            blocks=hp.blocks if self.backbone.family == "dit" else "paper", seed=hp.seed)
+        self.schedule = AdaptiveSchedule(tuple(hp.n_samples), tuple(hp.to_keep), backbone.num_train_timesteps,
+                                         hp.n_trials)
 
     def on_predict_start(self) -> None:
-        self.configure_model()
-        dm = self.trainer.datamodule
-        if dm is None:
-            raise ConfigError("DiffusionClassifier needs a bigain datamodule (it provides the classes and prompts)")
+        dm = self.prepare_predict("it provides the classes and prompts")
         self.num_classes = dm.num_classes
         self.multilabel = bool(getattr(dm, "multilabel", False))
         self.backbone.set_classes(prompts=dm.prompts, label_ids=dm.label_ids)
-        if self.handle is not None:
-            self.handle.reset_stats()
 
     # -- the work ------------------------------------------------------------------------------
     def _predict(self, x_t: torch.Tensor, t: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:

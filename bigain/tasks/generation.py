@@ -28,17 +28,14 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-import lightning as L
 import torch
 from torch import Tensor
 
-from bigain.backbones import BACKBONES, DiffusionBackbone
+from bigain.backbones import DiffusionBackbone
 from bigain.compressor import derive_seed
 from bigain.errors import ConfigError
 from bigain.metrics import METRIC_NAMES, parse_extractor
-from bigain.patching import apply
-from bigain.registry import create_compressor
-from bigain.tasks.classification import build_backbone
+from bigain.tasks.base import DiffusionTask
 
 __all__ = ["DiffusionGenerator", "initial_noise", "save_png", "to_uint8", "METRIC_OPTIONS"]
 
@@ -67,7 +64,7 @@ def save_png(image: Tensor, path: Path) -> None:
     os.replace(tmp, path)
 
 
-class DiffusionGenerator(L.LightningModule):
+class DiffusionGenerator(DiffusionTask):
     """Generate one image per dataset item with a (compressed) diffusion model.
 
     Args:
@@ -108,9 +105,8 @@ class DiffusionGenerator(L.LightningModule):
         clip_model: str | None = None,
         fidelity_classifier: str | None = None,
     ) -> None:
-        super().__init__()
-        text = bool(BACKBONES.get(backbone).text_conditioned)  # unknown names fail here, with suggestions
-        self.compressor = create_compressor(compressor, **dict(compressor_options or {}))
+        super().__init__(backbone=backbone, compressor=compressor, compressor_options=compressor_options)
+        text = bool(self.backbone_class.text_conditioned)
         if sampler not in ("auto", "euler", "ddim"):
             raise ConfigError(f"sampler must be 'auto', 'euler' or 'ddim', got {sampler!r}")
         if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 1000:
@@ -128,8 +124,6 @@ class DiffusionGenerator(L.LightningModule):
         self.text_conditioned = text
         self.sampler_name = sampler if sampler != "auto" else ("euler" if text else "ddim")
         self.guidance = float(guidance_scale) if guidance_scale is not None else (7.5 if text else 4.0)
-        self.backbone: DiffusionBackbone | None = None
-        self.handle = None
         self.image_dir: Path | None = None  # default: <run folder>/images
         self._done = 0
 
@@ -141,22 +135,13 @@ class DiffusionGenerator(L.LightningModule):
                   guidance_scale=self.guidance)
         return hp
 
-    def configure_model(self) -> None:
-        if self.backbone is not None:
-            return
-        hp = self.hparams
-        self.backbone = build_backbone(hp.backbone, hp.backbone_options)
-        if hp.steps > self.backbone.num_train_timesteps:
-            raise ConfigError(f"steps={hp.steps} exceeds the model's {self.backbone.num_train_timesteps} "
+    def check_backbone(self, backbone: DiffusionBackbone) -> None:
+        if self.hparams.steps > backbone.num_train_timesteps:
+            raise ConfigError(f"steps={self.hparams.steps} exceeds the model's {backbone.num_train_timesteps} "
                               f"training timesteps; use fewer steps")
-        self.handle = apply(self.backbone, self.compressor, max_downsample=hp.max_downsample,
-                            blocks=hp.blocks if self.backbone.family == "dit" else "paper", seed=hp.seed)
 
     def on_predict_start(self) -> None:
-        self.configure_model()
-        dm = self.trainer.datamodule
-        if dm is None:
-            raise ConfigError("DiffusionGenerator needs a bigain datamodule (it provides prompts, labels, image size)")
+        dm = self.prepare_predict("it provides prompts, labels and the image size")
         self.image_size = int(dm.image_size)
         self.class_prompts = list(dm.prompts)
         if not self.text_conditioned:
@@ -172,8 +157,6 @@ class DiffusionGenerator(L.LightningModule):
                                   "`bigain generate`, or set module.image_dir")
             self.image_dir = writers[0].run.path / "images"
         self.image_dir.mkdir(parents=True, exist_ok=True)
-        if self.handle is not None:
-            self.handle.reset_stats()
 
     # -- sampling ------------------------------------------------------------------------------
     def make_scheduler(self):

@@ -171,7 +171,8 @@ def write_model_card(assets: str | Path, metrics: dict[str, Any], *, command: st
         "",
         "| metric | value |",
         "|---|---|",
-        f"| toy classifier top-1, real test images ({metrics.get('classifier_images', '?')}) | {pct('classifier_accuracy')} |",
+        f"| toy classifier top-1, real test images ({metrics.get('classifier_images', '?')}) "
+        f"| {pct('classifier_accuracy')} |",
         f"| diffusion-classifier accuracy, uncompressed, 5/20 protocol ({metrics.get('dc_images', '?')} test images, "
         f"{metrics.get('evaluation_dtype', 'float32')}) "
         f"| {pct('dc_accuracy')} |",

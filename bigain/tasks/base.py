@@ -1,0 +1,67 @@
+"""What the evaluation tasks share: a backbone built in ``configure_model`` with a compressor
+attached to its denoiser, and the datamodule that describes the data."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import lightning as L
+
+from bigain.backbones import BACKBONES, DiffusionBackbone
+from bigain.errors import ConfigError
+from bigain.patching import apply
+from bigain.registry import create_compressor
+
+__all__ = ["DiffusionTask", "build_backbone"]
+
+
+def build_backbone(name: str, options: dict[str, Any] | None) -> DiffusionBackbone:
+    """Build a registered backbone, checking its options first."""
+    cls = BACKBONES.get(name)
+    options = dict(options or {})
+    allowed = [p.name for p in inspect.signature(cls.__init__).parameters.values() if p.kind is p.KEYWORD_ONLY]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ConfigError(f"backbone {name!r} has no option(s) {unknown}; its options are {allowed}")
+    return cls(**options)
+
+
+class DiffusionTask(L.LightningModule):
+    """Base of :class:`~bigain.tasks.DiffusionClassifier` and :class:`~bigain.tasks.DiffusionGenerator`.
+
+    Subclasses take ``backbone``, ``backbone_options``, ``compressor``, ``compressor_options``,
+    ``max_downsample``, ``blocks`` and ``seed`` among their keyword-only options, call
+    ``super().__init__(backbone=..., compressor=..., compressor_options=...)`` first and
+    ``self.save_hyperparameters()`` after their own checks.
+    """
+
+    def __init__(self, *, backbone: str, compressor: str, compressor_options: dict[str, Any] | None) -> None:
+        super().__init__()
+        self.backbone_class = BACKBONES.get(backbone)  # unknown names fail here, with suggestions
+        self.compressor = create_compressor(compressor, **dict(compressor_options or {}))
+        self.backbone: DiffusionBackbone | None = None
+        self.handle = None
+
+    def check_backbone(self, backbone: DiffusionBackbone) -> None:
+        """Validate options that depend on the loaded model (called once, before compressing)."""
+
+    def configure_model(self) -> None:
+        if self.backbone is not None:
+            return
+        hp = self.hparams
+        backbone = build_backbone(hp.backbone, hp.backbone_options)
+        self.check_backbone(backbone)
+        self.backbone = backbone
+        self.handle = apply(backbone, self.compressor, max_downsample=hp.max_downsample,
+                            blocks=hp.blocks if backbone.family == "dit" else "paper", seed=hp.seed)
+
+    def prepare_predict(self, needs: str):
+        """Build the model if needed and return the trainer's datamodule (``needs`` says what for)."""
+        self.configure_model()
+        dm = self.trainer.datamodule
+        if dm is None:
+            raise ConfigError(f"{type(self).__name__} needs a bigain datamodule ({needs})")
+        if self.handle is not None:
+            self.handle.reset_stats()
+        return dm

@@ -1,0 +1,69 @@
+"""The embedded default: the toy dataset, the shipped toy models, and the demo."""
+
+import numpy as np
+import pytest
+import torch
+
+from bigain.toy.data import SHAPE_CLASSES, TEST_SEED, TEXTURE_CLASSES, TOY_CLASSES, TRAIN_SEED, ToyShapes, render
+from bigain.toy.evaluate import ASSETS
+
+
+def test_images_are_a_pure_function_of_seed_and_index():
+    a, la = render(TEST_SEED, 17)
+    b, lb = render(TEST_SEED, 17)
+    assert np.array_equal(a, b) and la == lb == 7
+    assert a.shape == (32, 32, 3) and a.dtype == np.float32 and 0 <= a.min() and a.max() <= 1
+    assert not np.array_equal(render(TRAIN_SEED, 17)[0], a)  # train and test come from disjoint seeds
+    assert TRAIN_SEED != TEST_SEED
+
+
+def test_classes_are_balanced_and_split_into_texture_and_shape():
+    data = ToyShapes("test", length=200)
+    labels = [data[i]["label"] for i in range(200)]
+    assert np.bincount(labels).tolist() == [20] * 10
+    assert len(TOY_CLASSES) >= 10 and set(TEXTURE_CLASSES) | set(SHAPE_CLASSES) == set(range(10))
+    item = data[3]
+    assert item["image"].shape == (3, 32, 32) and item["image"].min() >= -1 and item["image"].max() <= 1
+    with pytest.raises(IndexError):
+        data[200]
+
+
+def test_the_shipped_models_load_and_stay_small():
+    total = sum(p.stat().st_size for p in ASSETS.rglob("*") if p.is_file() and p.suffix == ".safetensors")
+    assert total <= 20 * 2**20
+    assert (ASSETS / "MODEL_CARD.md").is_file()
+    from bigain.backbones.dit import ToyDiT
+
+    model = ToyDiT()
+    assert model.num_model_classes == 10 and model.null_class == 10 and model.vae is None
+    assert model.latent_shape(32) == (3, 32, 32)
+
+
+def test_the_toy_classifier_is_accurate_on_real_images():
+    from bigain.toy.evaluate import classifier_accuracy
+
+    assert classifier_accuracy(images=200) >= 0.98
+
+
+def test_the_toy_dit_classifies_a_small_sample_at_its_stated_accuracy():
+    from bigain.toy.evaluate import diffusion_classifier_accuracy
+
+    torch.manual_seed(0)
+    result = diffusion_classifier_accuracy(images=20, dtype="bfloat16")  # the default 5/20 protocol
+    assert result["accuracy"] >= 0.85
+
+
+@pytest.mark.slow
+def test_demo_quick_end_to_end(tmp_path):
+    from bigain.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out), "--methods", "tome", "bigain_tm", "--images", "10",
+                 "--gen-per-class", "1", "--dtype", "bfloat16"]) == 0
+    report = (out / "report.md").read_text()
+    assert "## What the numbers show" in report and "## Settings" in report
+    assert "Classification at merge ratio 0.7: tome" in report
+    assert "bigain_tm beats tome" in report or "bigain_tm does not beat tome" in report or "ties" in report
+    for name in ("summary.csv", "summary.md", "summary.html", "accuracy_vs_speedup.png", "fid_vs_speedup.png"):
+        assert (out / "report" / name).is_file(), name
+    assert len(list(out.glob("generate/toy/*/contact_sheet.png"))) == 5
