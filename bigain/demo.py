@@ -15,6 +15,8 @@ from typing import Any
 
 import pandas as pd
 
+from bigain.toy import TOY_COMPRESSED_BLOCKS
+
 __all__ = ["DEMO_COMPRESSORS", "demo_sweep", "findings", "write_demo_report"]
 
 #: What the demo compares (``--methods`` narrows it).
@@ -49,10 +51,12 @@ def demo_sweep(*, out: str | Path, quick: bool, images: int | None = None, gen_p
         "datasets": [{"class_path": "toy", "label": "toy",
                       "init_args": {"length": images, "batch_size": 4}}],
         "compressors": compressors,
-        "classify": {"model": {"backbone": "toy", "backbone_options": {"dtype": dtype}, "blocks": "paper",
+        "classify": {"model": {"backbone": "toy", "backbone_options": {"dtype": dtype},
+                               "blocks": list(TOY_COMPRESSED_BLOCKS),
                                "batch_size": 128, **protocol},
                      "trainer": trainer},
-        "generate": {"model": {"backbone": "toy", "backbone_options": {"dtype": dtype}, "blocks": "paper",
+        "generate": {"model": {"backbone": "toy", "backbone_options": {"dtype": dtype},
+                               "blocks": list(TOY_COMPRESSED_BLOCKS),
                                "steps": 10 if quick else 25, "guidance_scale": 4.0,
                                "feature_extractor": "toy", "fidelity_classifier": "toy",
                                "metrics": ["fid", "kid", "class_fidelity"]},

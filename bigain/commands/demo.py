@@ -57,8 +57,8 @@ def run(args: argparse.Namespace) -> int:
                           title="bigain demo")
     cls = spec["classify"]["model"]
     settings = {
-        "model": "bundled toy DiT (pixel space, 6 blocks, 256 tokens); compressed blocks: the paper's selection "
-                 "scaled to 6 blocks (blocks 1-2)",
+        "model": "bundled toy DiT (pixel space, 6 blocks, 256 tokens); compressed blocks: 1-4 (all but the "
+                 "first and last; the paper's selection scaled to 6 blocks would be 1-2 only)",
         "classification": f"{spec['datasets'][0]['init_args']['length']} toy test images; adaptive protocol "
                           f"n_samples={cls['n_samples']}, to_keep={cls['to_keep']} (smaller than the paper's "
                           f"[5, 20] / [5, 1], to fit the time budget)",

@@ -57,9 +57,9 @@ def run(args: argparse.Namespace) -> int:
             import json
 
             command = json.loads(meta.read_text()).get("command", command)
-    from bigain.patching import default_dit_blocks
+    from bigain.toy import TOY_COMPRESSED_BLOCKS
 
-    blocks = default_dit_blocks(6)
+    blocks = list(TOY_COMPRESSED_BLOCKS)
     metrics = {"command": command, "seed": args.seed, "evaluation_dtype": args.dtype}
     _log("toy classifier accuracy ...")
     metrics["classifier_accuracy"] = classifier_accuracy(assets / "classifier.safetensors", images=1000)
