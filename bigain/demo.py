@@ -81,7 +81,22 @@ def _num(row: pd.Series | None, key: str) -> float | None:
     return None if isinstance(value, float) and math.isnan(value) else float(value)
 
 
-def findings(summary: pd.DataFrame) -> list[str]:
+def _head_to_head(records: pd.DataFrame | None, a: pd.Series | None, b: pd.Series | None) -> str:
+    """McNemar's exact test of two methods on the images both classified."""
+    from bigain.reporting import paired_comparison
+
+    if records is None or a is None or b is None or "run" not in records:
+        return ""
+    res = paired_comparison(records[records["run"] == a["run"]], records[records["run"] == b["run"]])
+    if not res["paired_images"]:
+        return ""
+    verdict = "significant at 0.05" if res["mcnemar_p"] < 0.05 else "not significant at 0.05"
+    return (f"; head to head on the same {res['paired_images']} images: {res['only_method_right']} right only "
+            f"with {b['method']}, {res['only_baseline_right']} right only with {a['method']}, McNemar p = "
+            f"{res['mcnemar_p']:.3g} ({verdict})")
+
+
+def findings(summary: pd.DataFrame, records: pd.DataFrame | None = None) -> list[str]:
     """Plain sentences on what the numbers show - including where BiGain does not win."""
     out: list[str] = []
     base = _pick(summary, "classify", "none")
@@ -97,20 +112,15 @@ def findings(summary: pd.DataFrame) -> list[str]:
         text = (f"Classification at merge ratio {ratio}: tome {100 * a:.1f}%, bigain_tm {100 * b:.1f}% "
                 f"({100 * diff:+.1f} points): {verdict}")
         if base_acc is not None:
-            text += f"; uncompressed {100 * base_acc:.1f}%, so 70% tome costs {100 * (base_acc - a):.1f} points" \
-                if ratio == 0.7 else f"; uncompressed {100 * base_acc:.1f}%"
-        p_tm, p_tome = _num(tm, "mcnemar_p"), _num(tome, "mcnemar_p")
-        if p_tm is not None and p_tome is not None:
-            text += f" (each against uncompressed: McNemar p = {p_tome:.3g} for tome, {p_tm:.3g} for bigain_tm)"
-        n = _num(tm, "images")
-        if n is not None and abs(diff) * n < 4:
-            text += f". With {int(n)} images that difference is within noise"
-        out.append(text + ".")
+            text += f"; uncompressed {100 * base_acc:.1f}%, so {int(100 * ratio)}% tome costs " \
+                    f"{100 * (base_acc - a):.1f} points"
+        out.append(text + _head_to_head(records, tome, tm) + ".")
     todo, td = _pick(summary, "classify", "todo"), _pick(summary, "classify", "bigain_td")
     a, b = _num(todo, "accuracy"), _num(td, "accuracy")
     if a is not None and b is not None:
         verdict = "bigain_td beats todo" if b > a else "bigain_td does not beat todo" if b < a else "they tie"
-        out.append(f"Key/value downsampling (factor 2): todo {100 * a:.1f}%, bigain_td {100 * b:.1f}%: {verdict}.")
+        out.append(f"Key/value downsampling (factor 2): todo {100 * a:.1f}%, bigain_td {100 * b:.1f}%: {verdict}"
+                   + _head_to_head(records, todo, td) + ".")
     for (m1, hp1), (m2, hp2) in ((("tome", {"ratio": 0.7}), ("bigain_tm", {"ratio": 0.7})),
                                  (("todo", {}), ("bigain_td", {}))):
         f1, f2 = _num(_pick(summary, "generate", m1, **hp1), "fid"), _num(_pick(summary, "generate", m2, **hp2), "fid")
@@ -132,7 +142,7 @@ def write_demo_report(out: Path, report: dict[str, Any], settings: dict[str, Any
     summary = report["summary"]
     lines = ["# bigain demo: every compressor on both jobs, on the toy model", ""]
     lines += ["## Settings", ""] + [f"- {k}: {v}" for k, v in settings.items()] + [""]
-    lines += ["## What the numbers show", ""] + [f"- {s}" for s in findings(summary)] + [""]
+    lines += ["## What the numbers show", ""] + [f"- {s}" for s in findings(summary, report["records"])] + [""]
     body = report["markdown"].split("\n", 1)[1] if report["markdown"].startswith("# ") else report["markdown"]
     body = body.replace("](", "](report/")
     lines += [body, ""]

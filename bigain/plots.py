@@ -3,21 +3,13 @@ hyperparameters, the uncompressed baseline as a star."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pandas as pd
 
+from bigain.reporting import short_hyperparameters
+
 __all__ = ["tradeoff_plot"]
-
-
-def _short(hp: str) -> str:
-    try:
-        d = json.loads(hp)
-    except (TypeError, ValueError):
-        return str(hp)
-    keep = {k: v for k, v in d.items() if k in ("ratio", "factor", "alpha", "alpha_schedule")}
-    return ",".join(f"{k}={v}" for k, v in keep.items())
 
 
 def tradeoff_plot(summary: pd.DataFrame, *, x: str, y: str, path: str | Path, title: str,
@@ -43,7 +35,7 @@ def tradeoff_plot(summary: pd.DataFrame, *, x: str, y: str, path: str | Path, ti
                 continue
             (line,) = ax.plot(group[x], group[y], marker="o", label=method)
             for _, r in group.iterrows():
-                ax.annotate(_short(r["hyperparameters"]), (r[x], r[y]), textcoords="offset points",
+                ax.annotate(short_hyperparameters(method, r["hyperparameters"]), (r[x], r[y]), textcoords="offset points",
                             xytext=(4, 4), fontsize=7, color=line.get_color())
         ax.set_title(f"{backbone} on {dataset}")
         ax.set_xlabel(xlabel or x)

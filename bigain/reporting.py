@@ -211,12 +211,65 @@ def summarize_runs(runs: pd.DataFrame, records: pd.DataFrame, *, baseline: str =
     return pd.DataFrame(out)
 
 
-_CLASSIFY_COLUMNS = ["backbone", "dataset", "method", "hyperparameters", "images", "accuracy", "accuracy_low",
-                     "accuracy_high", "mAP", "delta_accuracy", "mcnemar_p", "pairing", "speedup", "gflops",
-                     "tokens_kept", "seconds_per_image", "seed", "run"]
-_GENERATE_COLUMNS = ["backbone", "dataset", "method", "hyperparameters", "images", "fid", "kid", "inception_score",
-                     "clip_score", "class_fidelity", "feature_extractor", "pairing", "speedup", "gflops",
-                     "tokens_kept", "seconds_per_image", "seed", "run"]
+def short_hyperparameters(method: str, hyperparameters: str) -> str:
+    """``ratio=0.7`` for a run's hyperparameters: the main knob (ratio / factor) and anything that
+    differs from the compressor's defaults."""
+    import inspect
+    import json
+
+    try:
+        hp = json.loads(hyperparameters) if isinstance(hyperparameters, str) else dict(hyperparameters or {})
+        from bigain.registry import get_compressor
+
+        params = inspect.signature(get_compressor(method).__init__).parameters
+        defaults = {k: p.default for k, p in params.items() if p.default is not p.empty}
+    except Exception:  # unknown plugin, odd value: show everything
+        defaults, hp = {}, hp if isinstance(hp, dict) else {}
+    keep = {k: v for k, v in hp.items() if k in ("ratio", "factor") or defaults.get(k, object()) != v
+            and not (isinstance(v, list) and tuple(v) == defaults.get(k))}
+    return ", ".join(f"{k}={v}" for k, v in keep.items())
+
+
+def _kept(value: Any) -> str:
+    import json
+
+    try:
+        levels = json.loads(value) if isinstance(value, str) else dict(value or {})
+    except ValueError:
+        return str(value)
+    return "; ".join(f"{v['queries']:.2f} / {v['keys_values']:.2f}" + (f" (L{k})" if len(levels) > 1 else "")
+                     for k, v in levels.items())
+
+
+def _display(part: pd.DataFrame, task: str, baseline: str) -> pd.DataFrame:
+    """The human-readable table of one task (the CSV keeps every column)."""
+    part = part.assign(_base=part["method"] != baseline).sort_values(["backbone", "dataset", "_base", "method",
+                                                                      "hyperparameters"])
+    rows = []
+    for _, r in part.iterrows():
+        row = {"backbone": r["backbone"], "dataset": r["dataset"],
+               "method": f"{r['method']} ({short_hyperparameters(r['method'], r['hyperparameters'])})".replace(
+                   " ()", ""), "images": r.get("images")}
+        if task == "classify":
+            if pd.notna(r.get("accuracy")):
+                row["accuracy [95% CI]"] = f"{r['accuracy']:.3f} [{r['accuracy_low']:.3f}, {r['accuracy_high']:.3f}]"
+            if pd.notna(r.get("mAP")):
+                row["mAP"] = r["mAP"]
+            row[f"vs {baseline}"] = f"{r['delta_accuracy']:+.3f}" if pd.notna(r.get("delta_accuracy")) else ""
+            row["McNemar p"] = r.get("mcnemar_p")
+        else:
+            for key, label in (("fid", "FID"), ("kid", "KID"), ("inception_score", "IS"), ("is", "IS"),
+                               ("clip_score", "CLIP score"), ("class_fidelity", "class fidelity")):
+                if key in r and pd.notna(r[key]) and label not in row:
+                    row[label] = r[key]
+            row["features"] = r.get("feature_extractor")
+        row["pairing"] = r.get("pairing")
+        row["speedup"] = r.get("speedup")
+        row["GFLOPs"] = r.get("gflops")
+        row["tokens kept (q / kv)"] = _kept(r.get("tokens_kept"))
+        row["s / image"] = r.get("seconds_per_image")
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def _fmt(value: Any) -> str:
@@ -255,13 +308,11 @@ def write_report(paths, out_dir, *, baseline: str = "none", title: str = "bigain
             out / "records.parquet", index=False)
     summary.to_csv(out / "summary.csv", index=False)
     sections, files = [f"# {title}", ""], {}
-    for task, cols, label in (("classify", _CLASSIFY_COLUMNS, "Classification"),
-                              ("generate", _GENERATE_COLUMNS, "Generation")):
+    for task, label in (("classify", "Classification"), ("generate", "Generation")):
         part = summary[summary["task"] == task] if not summary.empty else summary
         if part.empty:
             continue
-        table = part[[c for c in cols if c in part.columns]].sort_values(["backbone", "dataset", "method"])
-        sections += [f"## {label}", "", _markdown(table.drop(columns=["run"], errors="ignore")), ""]
+        sections += [f"## {label}", "", _markdown(_display(part, task, baseline)), ""]
     plots = [("classify", "speedup", "accuracy", "accuracy_vs_speedup.png", "Accuracy vs speedup", True),
              ("generate", "speedup", "fid", "fid_vs_speedup.png", "FID vs speedup", False)]
     for task, x, y, name, plot_title, hib in plots:

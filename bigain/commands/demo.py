@@ -26,8 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="only these compressors (plus none), e.g. --methods tome bigain_tm")
     parser.add_argument("--tasks", nargs="+", choices=["classify", "generate"], default=["classify", "generate"])
     parser.add_argument("--accelerator", default="auto", help="auto (a GPU when there is one), cpu, gpu")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                        help="precision the toy model runs in (noising and losses stay float32)")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                        help="precision the toy model runs in; auto: bfloat16 on a CPU (same accuracy, several "
+                             "times faster), float32 on a GPU. Noising and losses stay float32")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,6 +39,11 @@ def run(args: argparse.Namespace) -> int:
     from bigain.sweep import expand_sweep, run_sweep
 
     out = Path(args.out)
+    if args.dtype == "auto":
+        import torch
+
+        on_gpu = args.accelerator in ("gpu", "cuda") or (args.accelerator == "auto" and torch.cuda.is_available())
+        args.dtype = "float32" if on_gpu else "bfloat16"
     spec = demo_sweep(out=out, quick=args.quick, images=args.images, gen_per_class=args.gen_per_class,
                       methods=args.methods, accelerator=args.accelerator, dtype=args.dtype, tasks=tuple(args.tasks))
     cells = expand_sweep(spec)
@@ -67,11 +73,13 @@ def run(args: argparse.Namespace) -> int:
                       f"guidance {spec['generate']['model']['guidance_scale']}; FID/KID on the toy classifier's "
                       f"features against the real toy images of the same indices",
         "precision": args.dtype,
-        "wall time": f"{time.perf_counter() - start:.0f} s",
+        "wall time": f"{time.perf_counter() - start:.0f} s"
+                     + (f" ({sum(e['status'].startswith('skipped') for e in result['cells'])} finished runs reused)"
+                        if any(e["status"].startswith("skipped") for e in result["cells"]) else ""),
     }
     path = write_demo_report(out, report, settings)
     summary = report["summary"]
-    print("\n".join(f"- {s}" for s in findings(summary)))
+    print("\n".join(f"- {s}" for s in findings(summary, report["records"])))
     print()
     print(report["markdown"].split("\n", 2)[2] if report["markdown"].startswith("# ") else report["markdown"])
     print(f"report: {path}")
