@@ -156,13 +156,19 @@ def _register_cpu_sdpa_flops() -> None:
         return 2 * b * h * lq * lk * d + 2 * b * h * lq * lk * dv
 
 
+def _call(model: nn.Module, inputs: dict[str, Any]) -> Any:
+    """Forward with the sample positional (the tomesd package's hook reads ``args[0]``)."""
+    first, *rest = inputs
+    return model(inputs[first], **{k: inputs[k] for k in rest})
+
+
 def count_flops(model: nn.Module, inputs: dict[str, Any]) -> int:
     """FLOPs of one forward (multiply-adds count 2)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     _register_cpu_sdpa_flops()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(**inputs)
+        _call(model, inputs)
     return int(counter.get_total_flops())
 
 
@@ -192,12 +198,12 @@ def _forward_seconds(model: nn.Module, inputs: dict[str, Any], device: str) -> f
         if device.startswith("cuda"):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            model(**inputs)
+            _call(model, inputs)
             end.record()
             torch.cuda.synchronize()
             return start.elapsed_time(end) / 1000.0
         t0 = time.perf_counter()
-        model(**inputs)
+        _call(model, inputs)
         return time.perf_counter() - t0
 
 

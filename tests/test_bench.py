@@ -71,3 +71,18 @@ def test_classifier_overhead_reports_wall_against_denoiser_time(tmp_path):
                                  to_keep=(3, 1), image_size=16)
     assert result["images"] == 2 and result["calls"] == 2 * 2  # two calls per image at batch 32
     assert result["wall_s"] > 0 and result["denoiser_s"] > 0
+
+
+def test_compare_tomesd_on_a_local_checkpoint(tmp_path):
+    pytest.importorskip("tomesd")
+    from bigain.testing import save_tiny_stable_diffusion
+
+    path = save_tiny_stable_diffusion(tmp_path / "sd")
+    df, info = run_bench(model_path=path, methods=["tome:ratio=0.5"], resolution=128, compare_tomesd=True,
+                         repeats=1, warmup=0)
+    rows = df.set_index("method")
+    assert list(rows.index) == ["none", "tome:ratio=0.5", "tomesd:ratio=0.5"]
+    # the same merge on the same layers costs the same FLOPs, whichever implementation does it
+    assert rows.loc["tomesd:ratio=0.5", "gflops"] == pytest.approx(rows.loc["tome:ratio=0.5", "gflops"], rel=1e-6)
+    assert rows.loc["tome:ratio=0.5", "gflops"] < rows.loc["none", "gflops"]
+    assert info["model"] == path
