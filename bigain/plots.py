@@ -35,8 +35,9 @@ def tradeoff_plot(summary: pd.DataFrame, *, x: str, y: str, path: str | Path, ti
                 continue
             (line,) = ax.plot(group[x], group[y], marker="o", label=method)
             for _, r in group.iterrows():
-                ax.annotate(short_hyperparameters(method, r["hyperparameters"]), (r[x], r[y]), textcoords="offset points",
-                            xytext=(4, 4), fontsize=7, color=line.get_color())
+                label = short_hyperparameters(method, r["hyperparameters"])
+                ax.annotate(label, (r[x], r[y]), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                            color=line.get_color())
         ax.set_title(f"{backbone} on {dataset}")
         ax.set_xlabel(xlabel or x)
         ax.set_ylabel((ylabel or y) + ("  (higher is better)" if higher_is_better else "  (lower is better)"))

@@ -248,7 +248,7 @@ def test_quickstart_script_runs_on_a_local_pipeline(tmp_path):
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     ).save_pretrained(tmp_path / "pipe")
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, str(EXAMPLES / "apply_pipeline.py"), str(tmp_path / "pipe")],
+    proc = subprocess.run([sys.executable, str(DOCS / "examples" / "apply_pipeline.py"), str(tmp_path / "pipe")],
                           cwd=tmp_path, capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     stats = ast.literal_eval(proc.stdout.strip().splitlines()[-1])

@@ -304,13 +304,12 @@ def test_example_configs_parse_and_their_options_are_valid(name, capsys):
     getattr(importlib.import_module(module_name), cls)(**cfg["data"]["init_args"])
 
 
-def test_the_toy_config_runs(ckpts, tmp_path):
+def test_the_toy_config_runs(tmp_path):
     run = tmp_path / "run"
-    assert main(["generate", "--config", os.path.join(CONFIG_DIR, "generate-toy.yaml"),
-                 "--model.backbone", "dit", "--model.backbone_options", f"{{path: {ckpts['dit']}}}",
-                 "--model.steps", "2", "--data.length", "3", "--data.image_size", "16",
+    assert main(["generate", "--config", os.path.join(CONFIG_DIR, "generate-toy.yaml"),  # the bundled toy DiT
+                 "--model.steps", "2", "--data.length", "3",
                  "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false", "--run_dir", str(run)]) == 0
     m = meta(run)
     assert m["status"] == "complete" and len(pixels(run)) == 3 and m["metric_options"]["feature_extractor"] == "toy"
     fid = m["metrics"]["fid"]
-    assert fid["extractor"] == "toy" and ("value" in fid or "bigain toy train" in fid["unavailable"])
+    assert fid["extractor"] == "toy" and "value" in fid

@@ -78,7 +78,7 @@ def test_write_report_writes_tables_and_plots(tmp_path):
     for name in ("summary.csv", "summary.md", "summary.html", "records.parquet", "accuracy_vs_speedup.png"):
         assert (tmp_path / "report" / name).is_file(), name
     md = (tmp_path / "report" / "summary.md").read_text()
-    assert "## Classification" in md and "| toy | toy | tome |" in md
+    assert "## Classification" in md and "| toy | toy | tome (ratio=0.7) |" in md
     assert len(pd.read_csv(tmp_path / "report" / "summary.csv")) == 3
     assert out["files"]
 
