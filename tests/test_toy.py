@@ -67,3 +67,17 @@ def test_demo_quick_end_to_end(tmp_path):
     for name in ("summary.csv", "summary.md", "summary.html", "accuracy_vs_speedup.png", "fid_vs_speedup.png"):
         assert (out / "report" / name).is_file(), name
     assert len(list(out.glob("generate/toy/*/contact_sheet.png"))) == 5
+
+
+def test_training_can_continue_from_a_saved_toy_dit(tmp_path):
+    from safetensors.torch import load_file
+
+    from bigain.toy.train import train_toy_dit
+
+    out = train_toy_dit(tmp_path, steps=1, batch_size=2, lr=0.0, warmup=1, init_from=ASSETS / "toy-dit",
+                        train_images=2, bf16=False)
+    name = "diffusion_pytorch_model.safetensors"
+    saved = load_file(str(out / "transformer" / name))
+    shipped = load_file(str(ASSETS / "toy-dit" / "transformer" / name))
+    assert saved.keys() == shipped.keys() and all(torch.equal(saved[k], shipped[k]) for k in saved)
+    assert (out / "scheduler" / "scheduler_config.json").is_file() and (out / "training_log.csv").is_file()

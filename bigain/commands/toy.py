@@ -24,6 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=4000, help="DiT training steps (train)")
     parser.add_argument("--classifier-steps", type=int, default=600, help="classifier training steps (train)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--init-from", default=None, metavar="DIR",
+                        help="continue training from a saved toy DiT folder (holding transformer/) instead of "
+                             "starting from scratch (train)")
     parser.add_argument("--images", type=int, default=500, help="test images for the diffusion-classifier accuracy")
     parser.add_argument("--fidelity-per-class", type=int, default=20, help="generated samples per class")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16",
@@ -46,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         train_toy_classifier(assets, steps=args.classifier_steps, seed=args.seed,
                              progress=lambda s, r: _log(f"classifier step {s}: loss {r['loss']:.4f}"))
-        train_toy_dit(assets, steps=args.steps, seed=args.seed,
+        train_toy_dit(assets, steps=args.steps, seed=args.seed, init_from=args.init_from,
                       progress=lambda s, r: _log(f"dit step {s}: loss {r['loss_smoothed']:.4f} ({r['seconds']} s)"))
         _log(f"trained in {time.perf_counter() - start:.0f} s")
         if args.no_eval:

@@ -125,6 +125,7 @@ def train_toy_dit(
     warmup: int = 50,
     ema_decay: float = 0.999,
     min_snr_gamma: float | None = 5.0,
+    init_from: str | Path | None = None,
     seed: int = 0,
     train_images: int = 200_000,
     bf16: bool = True,
@@ -144,6 +145,10 @@ def train_toy_dit(
     torch.manual_seed(seed)  # diffusers' label dropout draws from the global RNG during training
     gen = torch.Generator().manual_seed(seed)
     model = build_toy_dit().train()
+    if init_from is not None:  # continue from a saved toy DiT (its transformer/ folder)
+        from diffusers import DiTTransformer2DModel
+
+        model.load_state_dict(DiTTransformer2DModel.from_pretrained(Path(init_from) / "transformer").state_dict())
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     scheduler = DDPMScheduler(**TOY_SCHEDULER_CONFIG)
     abar = scheduler.alphas_cumprod.float()
