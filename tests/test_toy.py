@@ -81,3 +81,18 @@ def test_training_can_continue_from_a_saved_toy_dit(tmp_path):
     shipped = load_file(str(ASSETS / "toy-dit" / "transformer" / name))
     assert saved.keys() == shipped.keys() and all(torch.equal(saved[k], shipped[k]) for k in saved)
     assert (out / "scheduler" / "scheduler_config.json").is_file() and (out / "training_log.csv").is_file()
+
+
+def test_loss_weightings_follow_their_formulas():
+    from bigain.toy.train import loss_weights, train_toy_dit
+
+    abar = torch.tensor([0.999, 0.9, 0.5, 0.1, 1e-4], dtype=torch.float64)
+    snr = abar / (1 - abar)  # 999, 9, 1, 1/9, ~1e-4
+    expected_min_snr = torch.tensor([5 / 999, 5 / 9, 1.0, 1.0, 1.0], dtype=torch.float64)
+    assert torch.allclose(loss_weights(abar, "min_snr", min_snr_gamma=5.0), expected_min_snr)
+    assert torch.allclose(loss_weights(abar, "p2"), 1 / (1 + snr))
+    assert torch.allclose(loss_weights(abar, "p2")[2], torch.tensor(0.5, dtype=torch.float64))
+    assert torch.equal(loss_weights(abar, "none"), torch.ones_like(abar))
+    assert torch.equal(loss_weights(abar, "min_snr", min_snr_gamma=None), torch.ones_like(abar))
+    with pytest.raises(ValueError, match="min_snr"):
+        train_toy_dit("unused", steps=1, loss_weighting="snr")

@@ -24,6 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=4000, help="DiT training steps (train)")
     parser.add_argument("--classifier-steps", type=int, default=600, help="classifier training steps (train)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--loss-weighting", choices=["min_snr", "p2", "none"], default="min_snr",
+                        help="weighting of the DiT's epsilon loss over noise levels: min-SNR-5, P2 (favours the "
+                             "high-noise steps where shapes form) or none (train)")
     parser.add_argument("--init-from", default=None, metavar="DIR",
                         help="continue training from a saved toy DiT folder (holding transformer/) instead of "
                              "starting from scratch (train)")
@@ -44,12 +47,14 @@ def run(args: argparse.Namespace) -> int:
 
     assets = Path(args.assets)
     command = ("bigain toy train" + (f" --out {args.assets}" if args.assets != str(ASSETS) else "")
-               + f" --steps {args.steps} --classifier-steps {args.classifier_steps} --seed {args.seed}")
+               + f" --steps {args.steps} --classifier-steps {args.classifier_steps}"
+               + f" --loss-weighting {args.loss_weighting} --seed {args.seed}")
     if args.action == "train":
         start = time.perf_counter()
         train_toy_classifier(assets, steps=args.classifier_steps, seed=args.seed,
                              progress=lambda s, r: _log(f"classifier step {s}: loss {r['loss']:.4f}"))
         train_toy_dit(assets, steps=args.steps, seed=args.seed, init_from=args.init_from,
+                      loss_weighting=args.loss_weighting,
                       progress=lambda s, r: _log(f"dit step {s}: loss {r['loss_smoothed']:.4f} ({r['seconds']} s)"))
         _log(f"trained in {time.perf_counter() - start:.0f} s")
         if args.no_eval:

@@ -2,7 +2,7 @@
 
 * :func:`train_toy_dit` trains the class-conditional pixel-space DiT (diffusers
   ``DiTTransformer2DModel``, patch 2, 256 tokens) with epsilon prediction on the DDPM linear schedule
-  (min-SNR-5 loss weighting, EMA weights);
+  (loss weighting ``loss_weighting``: min-SNR-5 or P2, EMA weights);
   diffusers' label embedding drops 10% of the labels to its null class during training, which is
   what classifier-free guidance needs at sampling time.
 * :func:`train_toy_classifier` trains the small timm classifier that serves as the toy FID feature
@@ -29,6 +29,8 @@ __all__ = [
     "TOY_DIT_CONFIG",
     "TOY_SCHEDULER_CONFIG",
     "TOY_CLASSIFIER_ARCH",
+    "LOSS_WEIGHTINGS",
+    "loss_weights",
     "build_toy_dit",
     "build_toy_classifier",
     "classifier_input",
@@ -107,6 +109,27 @@ def _cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+LOSS_WEIGHTINGS = ("min_snr", "p2", "none")
+
+
+def loss_weights(alphas_cumprod: torch.Tensor, kind: str, *, min_snr_gamma: float | None = 5.0) -> torch.Tensor:
+    """Per-sample weights of the epsilon-MSE at the given ``alphas_cumprod`` (SNR = abar / (1 - abar)).
+
+    * ``"min_snr"``: ``min(SNR, gamma) / SNR`` (Hang et al., 2023; ``min_snr_gamma=None`` means 1);
+    * ``"p2"``: ``1 / (1 + SNR)`` (perception-prioritised weighting, Choi et al., 2022, k=1, gamma=1):
+      weights the high-noise steps where the coarse content (shape, layout) forms;
+    * ``"none"``: 1 (the plain DDPM loss).
+    """
+    snr = alphas_cumprod / (1 - alphas_cumprod)
+    if kind == "min_snr":
+        return torch.ones_like(snr) if min_snr_gamma is None else snr.clamp(max=min_snr_gamma) / snr
+    if kind == "p2":
+        return 1.0 / (1.0 + snr)
+    if kind == "none":
+        return torch.ones_like(snr)
+    raise ValueError(f"loss weighting must be one of {LOSS_WEIGHTINGS}, got {kind!r}")
+
+
 def _write_log(path: Path, rows: list[dict]) -> None:
     if not rows:
         return
@@ -125,6 +148,7 @@ def train_toy_dit(
     warmup: int = 50,
     ema_decay: float = 0.999,
     min_snr_gamma: float | None = 5.0,
+    loss_weighting: str = "min_snr",
     init_from: str | Path | None = None,
     seed: int = 0,
     train_images: int = 200_000,
@@ -140,6 +164,8 @@ def train_toy_dit(
     """
     from diffusers import DDPMScheduler
 
+    if loss_weighting not in LOSS_WEIGHTINGS:
+        raise ValueError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {loss_weighting!r}")
     out = Path(out_dir) / "toy-dit"
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)  # diffusers' label dropout draws from the global RNG during training
@@ -169,10 +195,7 @@ def train_toy_dit(
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             pred = model(xt, timestep=t, class_labels=labels).sample
         per_sample = (pred.float() - noise).pow(2).flatten(1).mean(dim=1)
-        if min_snr_gamma is not None:  # min-SNR weighting (Hang et al., 2023): faster, better samples
-            snr = abar[t] / (1 - abar[t])
-            per_sample = per_sample * snr.clamp(max=min_snr_gamma) / snr
-        loss = per_sample.mean()
+        loss = (per_sample * loss_weights(abar[t], loss_weighting, min_snr_gamma=min_snr_gamma)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
