@@ -1,25 +1,41 @@
-"""Speed/quality trade-off plots (matplotlib, written as PNG): one line per method across its
-hyperparameters, the uncompressed baseline as a star."""
+"""Plots (matplotlib on the Agg backend, written as PNG): the speed/quality trade-off plot (one line per
+method across its hyperparameters, the uncompressed baseline as a star) and the helpers every figure
+of the project is drawn with (:func:`pyplot`, :func:`save_figure`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
 from bigain.reporting import short_hyperparameters
 
-__all__ = ["tradeoff_plot"]
+__all__ = ["pyplot", "save_figure", "tradeoff_plot"]
 
 
-def tradeoff_plot(summary: pd.DataFrame, *, x: str, y: str, path: str | Path, title: str,
-                  xlabel: str | None = None, ylabel: str | None = None, higher_is_better: bool = True) -> Path | None:
-    """Plot ``y`` against ``x`` per (backbone, dataset) panel; returns the path, or None if no data."""
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` with the non-interactive Agg backend selected (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_figure(fig: Any, path: str | Path, *, dpi: int = 110) -> Path:
+    """Write ``fig`` to ``path``, close it (pyplot keeps open figures alive) and return the path."""
+    path = Path(path)
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+    return path
+
+
+def tradeoff_plot(summary: pd.DataFrame, *, x: str, y: str, path: str | Path, title: str,
+                  xlabel: str | None = None, ylabel: str | None = None, higher_is_better: bool = True) -> Path | None:
+    """Plot ``y`` against ``x`` per (backbone, dataset) panel; returns the path, or None if no data."""
+    plt = pyplot()
     if x not in summary or y not in summary:
         return None
     data = summary.dropna(subset=[x, y])
@@ -45,7 +61,4 @@ def tradeoff_plot(summary: pd.DataFrame, *, x: str, y: str, path: str | Path, ti
         ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)

@@ -1,10 +1,8 @@
 """Diffusion-classification evaluation: protocol, pairing, end to end, DDP, resume, bad input."""
 
 import json
-import os
 import subprocess
 import sys
-import textwrap
 
 import pandas as pd
 import pytest
@@ -174,24 +172,10 @@ def test_two_gloo_processes_give_one_record_per_image_and_the_same_predictions(c
     assert json.loads((tmp_path / "two" / "run.json").read_text())["world_size"] == 2
 
 
-def test_a_killed_run_resumes_to_the_uninterrupted_result(ckpts, tmp_path):
-    (tmp_path / "killer.py").write_text(textwrap.dedent("""
-        import os
-        from lightning.pytorch.callbacks import Callback
-
-        class KillAfter(Callback):
-            def __init__(self, batches: int = 2):
-                self.batches = batches
-
-            def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-                if batch_idx + 1 >= self.batches:
-                    os._exit(3)  # like SIGKILL: no cleanup, no final merge
-    """))
-    (tmp_path / "kill.yaml").write_text("trainer:\n  callbacks:\n    - class_path: killer.KillAfter\n"
-                                        "      init_args: {batches: 3}\n")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+def test_a_killed_run_resumes_to_the_uninterrupted_result(ckpts, tmp_path, kill_after):
+    kill, env = kill_after(batches=3)
     killed = run_cli(dit_args(ckpts, tmp_path / "run", "--model.compressor", "sito", "--config",
-                              str(tmp_path / "kill.yaml"), length=9), env=env, check=False)
+                              kill, length=9), env=env, check=False)
     assert killed.returncode == 3
     done = sum(1 for _ in open(tmp_path / "run" / "shards" / "records-rank0.jsonl"))
     assert 0 < done < 9 and not (tmp_path / "run" / "records.parquet").exists()

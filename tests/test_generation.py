@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pandas as pd
@@ -162,24 +161,10 @@ def test_two_gloo_processes_give_the_same_images_one_per_index(ckpts, tmp_path):
     assert meta(tmp_path / "two")["world_size"] == 2
 
 
-def test_a_killed_run_resumes_without_regenerating_finished_images(ckpts, tmp_path):
-    (tmp_path / "killer.py").write_text(textwrap.dedent("""
-        import os
-        from lightning.pytorch.callbacks import Callback
-
-        class KillAfter(Callback):
-            def __init__(self, batches: int = 2):
-                self.batches = batches
-
-            def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-                if batch_idx + 1 >= self.batches:
-                    os._exit(3)  # like SIGKILL: the last batch's image is saved, its record is not
-    """))
-    (tmp_path / "kill.yaml").write_text("trainer:\n  callbacks:\n    - class_path: killer.KillAfter\n"
-                                        "      init_args: {batches: 3}\n")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+def test_a_killed_run_resumes_without_regenerating_finished_images(ckpts, tmp_path, kill_after):
+    kill, env = kill_after(batches=3)  # the third image is saved, its record is not
     run = tmp_path / "run"
-    killed = run_cli(gen_args(ckpts, run, "--model.compressor", "sito", "--config", str(tmp_path / "kill.yaml"),
+    killed = run_cli(gen_args(ckpts, run, "--model.compressor", "sito", "--config", kill,
                               length=5, metrics="[]"), env=env)
     assert killed.returncode == 3, killed.stderr[-3000:]
     shard = run / "shards" / "records-rank0.jsonl"

@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from bigain.analysis._mpl import pyplot
 from bigain.analysis.merge_maps import ROLE_DESTINATION, ROLE_KEPT, ROLE_MERGED, ROLE_NAMES, ROLE_PRUNED, TokenMap
 from bigain.analysis.probe import MethodSpec
 from bigain.compressor import TokenCompressor
+from bigain.plots import pyplot, save_figure
 
 __all__ = ["plot_method", "plot_comparison"]
 
@@ -190,10 +190,7 @@ def plot_method(tmap: TokenMap, comp: TokenCompressor, image: np.ndarray, path: 
     fig.legend(handles=_legend_handles({tmap.kind}, roles), loc="lower center", ncol=2, fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout(rect=(0, 0.08, 1, 0.95))
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def plot_comparison(maps: Sequence[tuple[MethodSpec, TokenCompressor, TokenMap]], image: np.ndarray,
@@ -213,7 +210,4 @@ def plot_comparison(maps: Sequence[tuple[MethodSpec, TokenCompressor, TokenMap]]
     roles = set(np.concatenate([m[2].role for m in maps]).tolist())
     fig.legend(handles=_legend_handles(kinds, roles), loc="outside lower center", ncol=2, fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=12)
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)

@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from bigain.analysis._mpl import pyplot
 from bigain.errors import ConfigError, RunFolderError
+from bigain.plots import pyplot, save_figure
 
 __all__ = ["GenerationRun", "load_generation_run", "common_indices", "plot_samples", "write_samples"]
 
@@ -148,10 +148,7 @@ def plot_samples(runs: Sequence[GenerationRun], indices: Sequence[int], path: st
     fig.suptitle(f"{title}{note}\nrows: method (uncompressed first); columns: image index, same seed and "
                  f"prompt/class down each column", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.93))
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def write_samples(run_dirs: Sequence[str | Path], out_dir: str | Path, *, indices: Sequence[int] | None = None,

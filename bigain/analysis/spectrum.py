@@ -36,10 +36,10 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from bigain.analysis._mpl import pyplot
 from bigain.analysis.probe import LayerInfo, MethodSpec, OnlyLayers, Probe, all_layers_options, list_layers
 from bigain.errors import ConfigError
 from bigain.patching import apply, find_denoiser
+from bigain.plots import pyplot, save_figure
 
 __all__ = ["BANDS", "BAND_EDGES", "radial_frequency", "band_masks", "band_energies", "band_errors",
            "frequency_retention", "spectrum_table", "spectrum_markdown", "plot_spectrum", "plot_spectrum_layers",
@@ -260,10 +260,7 @@ def plot_spectrum(df: pd.DataFrame, path: str | Path, *, title: str) -> Path:
     handles, names = axes[0].get_legend_handles_labels()
     fig.legend(handles, names, loc="outside lower center", ncol=min(len(names), 4), fontsize=8, frameon=False)
     fig.suptitle(f"{title}\n{_band_note(df)}; bars: mean over layers, whiskers: min-max", fontsize=10)
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def plot_spectrum_layers(df: pd.DataFrame, path: str | Path, *, title: str) -> Path:
@@ -283,10 +280,7 @@ def plot_spectrum_layers(df: pd.DataFrame, path: str | Path, *, title: str) -> P
     handles, names = axes[0].get_legend_handles_labels()
     fig.legend(handles, names, loc="outside lower center", ncol=min(len(names), 6), fontsize=8, frameon=False)
     fig.suptitle(f"{title}\n{_band_note(df)}", fontsize=10)
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def write_spectrum(probe: Probe, methods: Sequence[MethodSpec], out_dir: str | Path, *,

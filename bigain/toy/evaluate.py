@@ -115,11 +115,9 @@ def write_model_card(assets: str | Path, metrics: dict[str, Any], *, command: st
     curve_png = None
     log = assets / "toy-dit" / "training_log.csv"
     if log.is_file():
-        import matplotlib
+        from bigain.plots import pyplot, save_figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        plt = pyplot()
         df = pd.read_csv(log)
         fig, ax = plt.subplots(figsize=(6, 3.5))
         ax.plot(df["step"], df["loss"], alpha=0.35, label="loss (batch)")
@@ -130,9 +128,7 @@ def write_model_card(assets: str | Path, metrics: dict[str, Any], *, command: st
         ax.set_title("Toy DiT training curve")
         ax.legend()
         fig.tight_layout()
-        curve_png = assets / "training_curve.png"
-        fig.savefig(curve_png, dpi=100)
-        plt.close(fig)
+        curve_png = save_figure(fig, assets / "training_curve.png", dpi=100)
 
     def pct(key: str) -> str:
         value = metrics.get(key)
