@@ -25,7 +25,7 @@ import torch
 import yaml
 from torch import nn
 
-from bigain.errors import ConfigError, UnknownNameError
+from bigain.errors import BigainError, ConfigError, UnknownNameError
 from bigain.patching import apply
 from bigain.registry import create_compressor
 
@@ -181,13 +181,15 @@ def denoiser_gflops(backbone: Any, image_size: int) -> float | None:
     device = backbone.device
     x = torch.zeros(1, *backbone.latent_shape(image_size), device=device)
     t = torch.full((1,), backbone.num_train_timesteps // 2, device=device)
-    try:
-        cond = backbone.class_conditions(torch.zeros(1, dtype=torch.long))
-    except Exception:
+    for make in (lambda: backbone.class_conditions(torch.zeros(1, dtype=torch.long)),  # needs set_classes
+                 lambda: backbone.null_conditions(1)):  # a DiT without label dropout has no null class
         try:
-            cond = backbone.null_conditions(1)
-        except Exception:
-            return None
+            cond = make()
+            break
+        except (RuntimeError, BigainError):
+            continue
+    else:
+        return None
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         backbone.predict_noise(x, t, cond)
     return counter.get_total_flops() / 1e9

@@ -86,3 +86,15 @@ def test_compare_tomesd_on_a_local_checkpoint(tmp_path):
     assert rows.loc["tomesd:ratio=0.5", "gflops"] == pytest.approx(rows.loc["tome:ratio=0.5", "gflops"], rel=1e-6)
     assert rows.loc["tome:ratio=0.5", "gflops"] < rows.loc["none", "gflops"]
     assert info["model"] == path
+
+
+def test_denoiser_gflops_counts_the_attached_compressor():
+    from bigain.backbones.dit import ToyDiT
+    from bigain.bench import denoiser_gflops
+
+    backbone = ToyDiT()  # no set_classes yet: the count falls back to the null class
+    full = denoiser_gflops(backbone, 32)
+    with bigain.apply(backbone, "todo", factor=2, blocks=[1, 2, 3, 4]):
+        reduced = denoiser_gflops(backbone, 32)
+    assert full > 0 and reduced < full
+    assert denoiser_gflops(backbone, 32) == pytest.approx(full)  # removed again

@@ -1,6 +1,5 @@
 """Report maths and pairing rules, on small synthetic run folders."""
 
-
 import pandas as pd
 import pytest
 

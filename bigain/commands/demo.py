@@ -62,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     report = write_report([out / task for task in args.tasks if (out / task).exists()], out / "report",
                           title="bigain demo")
     cls = spec["classify"]["model"]
+    reused = sum(entry["status"].startswith("skipped") for entry in result["cells"])
     settings = {
         "model": "bundled toy DiT (pixel space, 6 blocks, 256 tokens); compressed blocks: 1-4 (all but the "
                  "first and last; the paper's selection scaled to 6 blocks would be 1-2 only)",
@@ -73,9 +74,7 @@ def run(args: argparse.Namespace) -> int:
                       f"guidance {spec['generate']['model']['guidance_scale']}; FID/KID on the toy classifier's "
                       f"features against the real toy images of the same indices",
         "precision": args.dtype,
-        "wall time": f"{time.perf_counter() - start:.0f} s"
-                     + (f" ({sum(e['status'].startswith('skipped') for e in result['cells'])} finished runs reused)"
-                        if any(e["status"].startswith("skipped") for e in result["cells"]) else ""),
+        "wall time": f"{time.perf_counter() - start:.0f} s" + (f" ({reused} finished runs reused)" if reused else ""),
     }
     path = write_demo_report(out, report, settings)
     summary = report["summary"]
