@@ -96,3 +96,19 @@ def test_loss_weightings_follow_their_formulas():
     assert torch.equal(loss_weights(abar, "min_snr", min_snr_gamma=None), torch.ones_like(abar))
     with pytest.raises(ValueError, match="min_snr"):
         train_toy_dit("unused", steps=1, loss_weighting="snr")
+
+
+def test_toy_train_can_keep_the_shipped_classifier(tmp_path, capsys):
+    import shutil
+
+    from bigain.cli import main
+
+    args = ["toy", "train", "--out", str(tmp_path), "--steps", "1", "--batch-size", "2",
+            "--classifier-steps", "0", "--no-eval"]
+    assert main(args) != 0  # no classifier to keep in an empty folder: a clear error, nothing trained
+    assert "no classifier.safetensors" in capsys.readouterr().err and not (tmp_path / "toy-dit").exists()
+    shutil.copy(ASSETS / "classifier.safetensors", tmp_path)
+    assert main(args) == 0
+    assert (tmp_path / "toy-dit" / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
+    kept = (tmp_path / "classifier.safetensors").read_bytes()
+    assert kept == (ASSETS / "classifier.safetensors").read_bytes()

@@ -142,8 +142,8 @@ def _write_log(path: Path, rows: list[dict]) -> None:
 def train_toy_dit(
     out_dir: str | Path,
     *,
-    steps: int = 4000,
-    batch_size: int = 64,
+    steps: int = 9000,
+    batch_size: int = 32,
     lr: float = 1e-3,
     warmup: int = 50,
     ema_decay: float = 0.999,
