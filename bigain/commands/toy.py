@@ -25,7 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", "--assets", dest="assets", default=str(ASSETS), help="models folder")
     parser.add_argument("--steps", type=int, default=9000, help="DiT training steps (train)")
     parser.add_argument("--batch-size", type=int, default=32, help="DiT training batch size (train)")
-    parser.add_argument("--classifier-steps", type=int, default=600, help="classifier training steps (train); 0 keeps the classifier already in the models folder")
+    parser.add_argument("--classifier-steps", type=int, default=600,
+                        help="classifier training steps (train); 0 keeps the classifier already in the models "
+                             "folder")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--loss-weighting", choices=["min_snr", "p2", "none"], default="min_snr",
                         help="weighting of the DiT's epsilon loss over noise levels: min-SNR-5, P2 (favours the "
