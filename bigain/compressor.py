@@ -78,6 +78,9 @@ class LayerContext:
         seed: the framework seed of this application (``bigain.apply(..., seed=)``).
         layer_index: position of the layer among all compressible layers of the denoiser.
         num_train_timesteps: the length of the model's training noise schedule.
+        timestep_values: ``timesteps`` as Python floats, when the caller already has them on the
+            host (the framework reads them once per denoiser call); ``None`` reads them from
+            ``timesteps``, which waits for the device.
     """
 
     name: str
@@ -88,6 +91,7 @@ class LayerContext:
     seed: int = 0
     layer_index: int = 0
     num_train_timesteps: int = 1000
+    timestep_values: tuple[float, ...] | None = None
 
     @classmethod
     def for_tokens(
@@ -123,16 +127,26 @@ class LayerContext:
         Use it for randomness that may depend on the whole batch. For randomness that must not
         depend on how samples were batched, use :meth:`sample_randint` / :meth:`sample_randn`.
         """
-        key = derive_seed("call", self.seed, self.layer_index, tuple(self.timesteps.tolist()))
+        key = derive_seed("call", self.seed, self.layer_index, self._host_timesteps())
         return torch.Generator(device=self.metric.device).manual_seed(key)
 
+    def _host_timesteps(self) -> tuple[float, ...]:
+        if self.timestep_values is not None:
+            return tuple(self.timestep_values)
+        return tuple(self.timesteps.tolist())
+
     def _per_timestep(self, draw: Callable[[torch.Generator], Tensor]) -> Tensor:
-        uniq, inverse = torch.unique(self.timesteps, return_inverse=True)
-        rows = []
-        for value in uniq.tolist():
-            key = derive_seed("sample", self.seed, self.layer_index, round(float(value), 4))
-            rows.append(draw(torch.Generator(device=self.metric.device).manual_seed(key)))
-        return torch.stack(rows)[inverse]
+        # Grouped on the host: no device sync, and one kernel for the common single-timestep batch.
+        values = self._host_timesteps()
+        rows: dict[float, Tensor] = {}
+        for value in values:
+            if value not in rows:
+                key = derive_seed("sample", self.seed, self.layer_index, round(float(value), 4))
+                rows[value] = draw(torch.Generator(device=self.metric.device).manual_seed(key))
+        if len(rows) == 1:
+            row = next(iter(rows.values()))
+            return row.unsqueeze(0).expand(len(values), *row.shape).contiguous()
+        return torch.stack([rows[value] for value in values])
 
     def sample_randint(self, high: int, size: tuple[int, ...]) -> Tensor:
         """``[B, *size]`` integers in ``[0, high)``, one draw per distinct timestep.

@@ -125,6 +125,7 @@ class _State:
         self.metric = metric
         self.size: tuple[int, int] | None = None
         self.timesteps: Tensor | None = None
+        self.timestep_values: tuple[float, ...] | None = None  # host copy, read once per call
         self.block_inputs: dict[int, Tensor] = {}
         self.enabled = True
 
@@ -176,17 +177,23 @@ class CompressingProcessor(nn.Module):
                 return h, w
         return None
 
-    def _timesteps(self, batch: int, device: torch.device) -> Tensor | None:
-        t = self._state.timesteps
+    def _timesteps(self, batch: int, device: torch.device) -> tuple[Tensor, tuple[float, ...]] | None:
+        """The ``[B]`` float32 timesteps on ``device`` and the same values on the host."""
+        state = self._state
+        t = state.timesteps
         if t is None:
             return None
-        t = t.to(device=device, dtype=torch.float32).reshape(-1)
+        t = t.to(dtype=torch.float32).reshape(-1)
+        if state.timestep_values is None:
+            state.timestep_values = tuple(t.tolist())  # one device read per denoiser call
+        values = state.timestep_values
+        t = t.to(device=device)
         if t.numel() == 1:
-            return t.expand(batch)
+            return t.expand(batch), values * batch
         if t.numel() == batch:
-            return t
+            return t, values
         if batch % t.numel() == 0:
-            return t.repeat(batch // t.numel())
+            return t.repeat(batch // t.numel()), values * (batch // t.numel())
         return None
 
     def forward(self, attn: nn.Module, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
@@ -215,9 +222,9 @@ class CompressingProcessor(nn.Module):
                 block_input = state.block_inputs.get(layer.index)
                 if block_input is not None and block_input.shape == hidden_states.shape:
                     metric = block_input
-            ctx = LayerContext(name=layer.name, grid=grid, level=layer.level, timesteps=timesteps,
+            ctx = LayerContext(name=layer.name, grid=grid, level=layer.level, timesteps=timesteps[0],
                                metric=metric, seed=state.seed, layer_index=layer.index,
-                               num_train_timesteps=state.num_train_timesteps)
+                               num_train_timesteps=state.num_train_timesteps, timestep_values=timesteps[1])
             if not self._compressor.applies_to(ctx):
                 reason = "compressor does not apply to this layer/grid"
         stats.grid = grid
@@ -314,6 +321,7 @@ class CompressionHandle:
                 layer.attn.set_processor(self._originals[layer.index])
         self._state.block_inputs.clear()
         self._state.timesteps = None
+        self._state.timestep_values = None
         self.removed = True
 
     def __enter__(self) -> CompressionHandle:
@@ -457,6 +465,7 @@ def apply(
             state.size = (h // state.patch_size, w // state.patch_size)
         t = _first(args, kwargs, 1, ("timestep", "timesteps"))
         state.timesteps = torch.as_tensor(t) if t is not None else None
+        state.timestep_values = None
         state.block_inputs.clear()
 
     handle._hooks.append(denoiser.register_forward_pre_hook(denoiser_hook, with_kwargs=True))

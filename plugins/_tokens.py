@@ -26,6 +26,9 @@ __all__ = [
     "cell_values",
     "dst_mask",
     "split_by_mask",
+    "unit_vectors",
+    "similarities",
+    "most_similar",
     "BipartiteMerge",
     "bipartite_soft_matching",
 ]
@@ -112,12 +115,14 @@ def dst_mask(choice: Tensor, grid: tuple[int, int], sx: int, sy: int) -> Tensor:
     return mask.scatter_(1, flat, True)
 
 
-def split_by_mask(is_dst: Tensor) -> tuple[Tensor, Tensor]:
+def split_by_mask(is_dst: Tensor, d: int | None = None) -> tuple[Tensor, Tensor]:
     """Indices of sources ``a_idx [B, N-D]`` and destinations ``b_idx [B, D]``, each in raster order.
 
-    Every row of ``is_dst`` must hold the same number ``D`` of destinations.
+    Every row of ``is_dst`` must hold the same number ``D`` of destinations. Pass ``d`` when it is
+    known (one per whole cell): counting it reads the mask back to the host, a device sync per call.
     """
-    d = int(is_dst[0].sum())
+    if d is None:
+        d = int(is_dst[0].sum())
     order = torch.argsort((~is_dst).to(torch.uint8), dim=1, stable=True)
     return order[:, d:], order[:, :d]
 
@@ -169,15 +174,66 @@ class BipartiteMerge:
         return out
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def unit_vectors(metric: Tensor) -> Tensor:
+    """``metric`` normalised to unit length along channels, for cosine similarities.
+
+    Normalised in float32. On a GPU, when the model runs in half precision (the metric is fp16 or
+    bf16), the unit vectors are returned in fp16 so that :func:`similarities` can run on the tensor
+    cores; everywhere else they stay float32.
+    """
+    m = F.normalize(metric.float(), dim=-1)
+    if metric.is_cuda and metric.dtype in _HALF:
+        return m.half()
+    return m
+
+
+def similarities(a: Tensor, b: Tensor) -> Tensor:
+    """Cosine similarities ``a @ b^T`` (``[B, Na, Nb]``, float32) of unit vectors from :func:`unit_vectors`.
+
+    fp16 unit vectors (a half-precision model on a GPU) are multiplied on the tensor cores with
+    float32 accumulation and a float32 result, so near-equal similarities are not rounded into ties
+    (``tomesd`` rounds them to fp16); the inputs carry fp16's 11-bit precision, about 1e-4 on a
+    similarity. float32 unit vectors are multiplied in float32.
+    """
+    bt = b.transpose(1, 2)
+    if a.dtype is torch.float16:
+        try:
+            return torch.bmm(a, bt, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):  # torch without bmm(out_dtype=)
+            return torch.bmm(a.float(), bt.float())
+    return a @ bt
+
+
+#: Largest float32 similarity block :func:`most_similar` materialises at once (bytes).
+SIMILARITY_CHUNK_BYTES = 256 * 2**20
+
+
+def most_similar(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """For each row of ``a`` (``[B, Na, C]``), its highest similarity to a row of ``b`` (``[B, Nb, C]``)
+    and that row's index: float32 ``[B, Na]`` and long ``[B, Na]``; ties go to the lowest index.
+
+    The ``[B, Na, Nb]`` similarity matrix is built in blocks of rows of at most
+    :data:`SIMILARITY_CHUNK_BYTES`, so its memory stays bounded at high resolution and batch size
+    (SD 2.0 at 1024 px, batch 8: 1.6 GB in one piece); small problems take one block.
+    """
+    rows = max(1, SIMILARITY_CHUNK_BYTES // max(1, 4 * a.shape[0] * b.shape[1]))
+    if rows >= a.shape[1]:
+        return similarities(a, b).max(dim=-1)
+    parts = [similarities(chunk, b).max(dim=-1) for chunk in a.split(rows, dim=1)]
+    return torch.cat([p.values for p in parts], dim=1), torch.cat([p.indices for p in parts], dim=1)
+
+
 def bipartite_soft_matching(metric: Tensor, a_idx: Tensor, b_idx: Tensor, r: int) -> BipartiteMerge:
     """ToMe's matching: each source picks its most cosine-similar destination (global search); the
     ``r`` sources with the highest such similarity are merged, the others kept.
 
-    Similarities are computed in float32 whatever the dtype of ``metric``.
+    Similarities are float32 (see :func:`similarities` for a half-precision model on a GPU).
     """
-    m = F.normalize(metric.float(), dim=-1)
-    scores = gather_tokens(m, a_idx) @ gather_tokens(m, b_idx).transpose(1, 2)  # [B, Ns, D]
-    node_max, node_idx = scores.max(dim=-1)
+    m = unit_vectors(metric)
+    node_max, node_idx = most_similar(gather_tokens(m, a_idx), gather_tokens(m, b_idx))  # [B, Ns]
     edge_idx = node_max.argsort(dim=-1, descending=True)
     src_idx = edge_idx[:, :r]
     return BipartiteMerge(

@@ -15,7 +15,6 @@ the ``N x N`` matrix.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from bigain.compressor import Compressed, LayerContext, TokenCompressor
@@ -26,7 +25,9 @@ from bigain.plugins._tokens import (
     check_ratio,
     dst_mask,
     gather_tokens,
+    most_similar,
     split_by_mask,
+    unit_vectors,
 )
 
 __all__ = ["SiTo"]
@@ -64,20 +65,21 @@ class SiTo(TokenCompressor):
         num_prune = int(n * self.ratio)
         if num_prune <= 0 or hs * ws == 0:
             return Compressed.identity(x)
-        m = F.normalize(ctx.metric.float(), dim=-1)
-        score = self.sim_beta * (m @ m.sum(dim=1, keepdim=True).transpose(1, 2)).squeeze(-1)
+        m = unit_vectors(ctx.metric)
+        m32 = m.float()
+        score = self.sim_beta * (m32 @ m32.sum(dim=1, keepdim=True).transpose(1, 2)).squeeze(-1)
         if self.noise_alpha:
             score = score + self.noise_alpha * ctx.sample_randn((n,))
         choice = cell_values(score.view(b, *ctx.grid), self.sx, self.sy).argmax(dim=-1)
-        a_idx, b_idx = split_by_mask(dst_mask(choice, ctx.grid, self.sx, self.sy))
+        a_idx, b_idx = split_by_mask(dst_mask(choice, ctx.grid, self.sx, self.sy), hs * ws)
         num_prune = min(num_prune, a_idx.shape[1])
 
-        src_sim = (gather_tokens(m, a_idx) @ gather_tokens(m, b_idx).transpose(1, 2)).amax(dim=-1)
+        src_sim = most_similar(gather_tokens(m, a_idx), gather_tokens(m, b_idx))[0]
         order = src_sim.argsort(dim=-1, descending=True)
         pruned_idx = a_idx.gather(1, order[:, :num_prune])
         kept_idx = torch.cat([a_idx.gather(1, order[:, num_prune:]), b_idx], dim=1)
         # each pruned token's most similar kept token (unmerged sources included)
-        nearest = (gather_tokens(m, pruned_idx) @ gather_tokens(m, kept_idx).transpose(1, 2)).argmax(dim=-1)
+        nearest = most_similar(gather_tokens(m, pruned_idx), gather_tokens(m, kept_idx))[1]
 
         def restore(y: Tensor) -> Tensor:
             c = y.shape[-1]

@@ -49,7 +49,7 @@ class CellMerge(TokenCompressor):
         if r <= 0 or hs * ws == 0:
             return Compressed.identity(x)
         choice = self.choose_destinations(x, ctx, (hs, ws))
-        a_idx, b_idx = split_by_mask(dst_mask(choice, ctx.grid, self.sx, self.sy))
+        a_idx, b_idx = split_by_mask(dst_mask(choice, ctx.grid, self.sx, self.sy), hs * ws)
         matching = bipartite_soft_matching(ctx.metric, a_idx, b_idx, min(r, a_idx.shape[1]))
         merged = matching.merge(x)
         return Compressed(merged, merged, matching.unmerge)

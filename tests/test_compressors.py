@@ -166,6 +166,70 @@ def test_low_precision_inputs_score_in_float32():
         assert torch.equal(low.queries, high.queries)
 
 
+def test_host_timesteps_give_the_same_draws_as_reading_the_device():
+    x = torch.randn(4, 16, 8)
+    t = torch.tensor([10.0, 900.0, 10.0, 250.5])
+    read = ctx_for(x, (4, 4), t=t)
+    given = LayerContext.for_tokens(x, grid=(4, 4), timesteps=t)
+    given = LayerContext(**{**given.__dict__, "timestep_values": tuple(t.tolist())})
+    for ctx in (read, given):
+        draws = ctx.sample_randint(4, (2, 2))
+        assert torch.equal(draws[0], draws[2]) and not torch.equal(draws[0], draws[1])
+    assert torch.equal(read.sample_randint(4, (2, 2)), given.sample_randint(4, (2, 2)))
+    assert torch.equal(read.sample_randn((16,)), given.sample_randn((16,)))
+    alone = ctx_for(x[1:2], (4, 4), t=t[1:2]).sample_randint(4, (2, 2))
+    assert torch.equal(alone[0], read.sample_randint(4, (2, 2))[1])  # no dependence on batching
+
+
+def test_split_by_mask_with_a_known_count_equals_counting():
+    from bigain.plugins._tokens import dst_mask, split_by_mask
+
+    choice = torch.randint(0, 4, (3, 2, 3), generator=torch.Generator().manual_seed(0))
+    mask = dst_mask(choice, (5, 7), 2, 2)
+    counted, given = split_by_mask(mask), split_by_mask(mask, 6)
+    assert all(torch.equal(a, b) for a, b in zip(counted, given))
+
+
+@pytest.mark.parametrize("name", ["tome", "sito"])
+def test_similarities_in_blocks_give_the_same_merges(name, monkeypatch):
+    import bigain.plugins._tokens as tokens
+
+    x = torch.randn(2, 12 * 10, 8, generator=torch.Generator().manual_seed(4))
+    comp = bigain.create_compressor(name, ratio=0.6)
+    whole = comp.compress(x, ctx_for(x, (12, 10)))
+    monkeypatch.setattr(tokens, "SIMILARITY_CHUNK_BYTES", 4 * 2 * 30 * 7)  # blocks of 7 rows
+    blocks = comp.compress(x, ctx_for(x, (12, 10)))
+    assert torch.equal(whole.queries, blocks.queries)
+    assert torch.equal(whole.restore(whole.queries), blocks.restore(blocks.queries))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_gpu_similarities_are_float32_and_close(dtype):
+    from bigain.plugins._tokens import similarities, unit_vectors
+
+    g = torch.Generator().manual_seed(0)
+    metric = torch.randn(2, 1024, 320, generator=g).cuda().to(dtype)
+    m = unit_vectors(metric)
+    assert m.dtype == torch.float16
+    sims = similarities(m[:, :768], m[:, 768:])
+    ref = F.normalize(metric.double(), dim=-1)
+    ref = ref[:, :768] @ ref[:, 768:].transpose(1, 2)
+    assert sims.dtype == torch.float32
+    assert (sims.double() - ref).abs().max() < 2e-3
+    # the same merges as float32 on the CPU, but for near-ties (no randomness: CPU and CUDA
+    # generators draw differently)
+    for name, kw in (("tome", {"dst": "topleft"}), ("bigain_tm", {}), ("sito", {"noise_alpha": 0.0})):
+        comp = bigain.create_compressor(name, ratio=0.5, **kw)
+        gpu = comp.compress(metric, ctx_for(metric, (32, 32)))
+        gpu = gpu.restore(gpu.queries).float().cpu()
+        x = metric.cpu().float()
+        cpu = comp.compress(x, ctx_for(x, (32, 32)))
+        cpu = cpu.restore(cpu.queries)
+        same = (gpu - cpu).abs().amax(dim=-1) < 5e-2
+        assert same.float().mean() > 0.95, name
+
+
 # -- SiTo --------------------------------------------------------------------------------------
 
 def reference_sito(x, h, w, ratio):

@@ -72,6 +72,7 @@ def test_contexts_carry_grid_level_timesteps_and_block_input(unet):
     assert grids == {(1, (14, 10)), (2, (7, 5))}
     for c in rec.seen:
         assert c.timesteps.tolist() == [3.0, 900.0]
+        assert c.timestep_values == (3.0, 900.0)  # read once per call, handed to every layer
         assert c.seed == 7
         assert c.metric.shape[1] == c.grid[0] * c.grid[1]
 
