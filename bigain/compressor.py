@@ -132,20 +132,17 @@ class LayerContext:
 
     def _host_timesteps(self) -> tuple[float, ...]:
         if self.timestep_values is not None:
-            return tuple(self.timestep_values)
+            return self.timestep_values
         return tuple(self.timesteps.tolist())
 
     def _per_timestep(self, draw: Callable[[torch.Generator], Tensor]) -> Tensor:
-        # Grouped on the host: no device sync, and one kernel for the common single-timestep batch.
+        # Grouped on the host, so drawing never waits for the device.
         values = self._host_timesteps()
         rows: dict[float, Tensor] = {}
         for value in values:
             if value not in rows:
                 key = derive_seed("sample", self.seed, self.layer_index, round(float(value), 4))
                 rows[value] = draw(torch.Generator(device=self.metric.device).manual_seed(key))
-        if len(rows) == 1:
-            row = next(iter(rows.values()))
-            return row.unsqueeze(0).expand(len(values), *row.shape).contiguous()
         return torch.stack([rows[value] for value in values])
 
     def sample_randint(self, high: int, size: tuple[int, ...]) -> Tensor:

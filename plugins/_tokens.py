@@ -202,7 +202,7 @@ def similarities(a: Tensor, b: Tensor) -> Tensor:
     if a.dtype is torch.float16:
         try:
             return torch.bmm(a, bt, out_dtype=torch.float32)
-        except (TypeError, RuntimeError, NotImplementedError):  # torch without bmm(out_dtype=)
+        except TypeError:  # a torch without bmm(out_dtype=)
             return torch.bmm(a.float(), bt.float())
     return a @ bt
 

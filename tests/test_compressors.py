@@ -1,5 +1,6 @@
 """The built-in compressors against the definitions of ALGORITHMS.md (independent references)."""
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -170,8 +171,7 @@ def test_host_timesteps_give_the_same_draws_as_reading_the_device():
     x = torch.randn(4, 16, 8)
     t = torch.tensor([10.0, 900.0, 10.0, 250.5])
     read = ctx_for(x, (4, 4), t=t)
-    given = LayerContext.for_tokens(x, grid=(4, 4), timesteps=t)
-    given = LayerContext(**{**given.__dict__, "timestep_values": tuple(t.tolist())})
+    given = dataclasses.replace(read, timestep_values=tuple(t.tolist()))
     for ctx in (read, given):
         draws = ctx.sample_randint(4, (2, 2))
         assert torch.equal(draws[0], draws[2]) and not torch.equal(draws[0], draws[1])

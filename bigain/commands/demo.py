@@ -32,6 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import pandas as pd
     from tqdm import tqdm
 
     from bigain.demo import demo_sweep, findings, write_demo_report
@@ -73,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
                       f"cycling through the 10 classes), DDIM {spec['generate']['model']['steps']} steps, "
                       f"guidance {spec['generate']['model']['guidance_scale']}; FID/KID on the toy classifier's "
                       f"features against the real toy images of the same indices",
-        "device": ", ".join(sorted({str(d) for d in report["summary"].get("device", []) if str(d) != "nan"})) or "-",
+        "device": ", ".join(sorted(report["summary"].get("device", pd.Series()).dropna().astype(str).unique())) or "-",
         "precision": args.dtype,
         "wall time": f"{time.perf_counter() - start:.0f} s" + (f" ({reused} finished runs reused)" if reused else ""),
     }
