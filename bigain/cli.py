@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from bigain.errors import BigainError
+from bigain.interrupts import Interrupted, handle_signals, nested
 
 # name -> (module, one-line help). Each module defines `add_arguments(parser)` and `run(args) -> int`
 # (argparse commands) or `main(argv) -> int` (jsonargparse commands that parse their own config).
@@ -50,16 +51,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     name, rest = argv[0], argv[1:]
     module = importlib.import_module(COMMANDS[name][0])
-    try:
-        if hasattr(module, "main"):
-            return int(module.main(rest) or 0)
-        sub = argparse.ArgumentParser(prog=f"bigain {name}", description=module.__doc__,
-                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-        module.add_arguments(sub)
-        return int(module.run(sub.parse_args(rest)) or 0)
-    except BigainError as exc:
-        print(f"bigain {name}: error: {exc}", file=sys.stderr)
-        return 2
+    with handle_signals():  # SIGINT / SIGTERM -> Interrupted: runs save what they finished and stop
+        try:
+            if hasattr(module, "main"):
+                return int(module.main(rest) or 0)
+            sub = argparse.ArgumentParser(prog=f"bigain {name}", description=module.__doc__,
+                                          formatter_class=argparse.RawDescriptionHelpFormatter)
+            module.add_arguments(sub)
+            return int(module.run(sub.parse_args(rest)) or 0)
+        except BigainError as exc:
+            print(f"bigain {name}: error: {exc}", file=sys.stderr)
+            return 2
+        except Interrupted as exc:
+            if nested():  # a sweep's in-process cell: the sweep records it and stops
+                raise
+            print(f"bigain {name}: {exc}; what finished is saved, run the same command again to resume",
+                  file=sys.stderr)
+            return exc.exit_code
 
 
 if __name__ == "__main__":  # pragma: no cover

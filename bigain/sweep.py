@@ -18,7 +18,10 @@ A sweep file::
 
 Each cell is ``<out>/<task>/<dataset>/<method>`` holding ``cell.yaml`` (its full config), the run's
 files and ``log.txt``. Finished cells (``run.json`` complete, same ``cell.yaml``) are skipped; a cell
-that fails is recorded with its error in ``sweep.json`` and the others go on.
+that fails is recorded with its error in ``sweep.json`` and the others go on. SIGINT (Ctrl-C) or
+SIGTERM stops the sweep: the running cell saves what it finished and is recorded as
+``interrupted``, no later cell starts, and running the sweep again resumes it. One sweep at a time
+works in a sweep folder (``sweep.lock``).
 """
 
 from __future__ import annotations
@@ -39,8 +42,10 @@ from typing import Any
 
 import yaml
 
+from bigain import interrupts
 from bigain.errors import ConfigError
 from bigain.registry import create_compressor
+from bigain.runs import RunLock, atomic_write_text
 
 __all__ = ["Cell", "expand_sweep", "run_sweep", "load_sweep"]
 
@@ -133,27 +138,47 @@ def _finished(cell: Cell) -> bool:
     meta_path, cfg_path = cell.folder / "run.json", cell.folder / "cell.yaml"
     if not (meta_path.is_file() and cfg_path.is_file()):
         return False
-    meta = json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False  # unreadable: the cell's run rebuilds it
     return meta.get("status") == "complete" and cfg_path.read_text() == cell.config_text
+
+
+def _run_subprocess(args: list[str], log: Path) -> tuple[int, str]:
+    with log.open("w") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "bigain.cli", *args], stdout=fh, stderr=subprocess.STDOUT)
+        with interrupts.forward_to(lambda: [proc.pid] if proc.poll() is None else []):
+            try:
+                code = proc.wait()
+            except interrupts.Interrupted:  # the signal went on to the cell: let it save and stop
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+                raise
+    return code, log.read_text()[-2000:]
 
 
 def _run_cell(cell: Cell, *, in_process: bool, extra_args: list[str]) -> tuple[int, str]:
     cell.folder.mkdir(parents=True, exist_ok=True)
-    (cell.folder / "cell.yaml").write_text(cell.config_text)
+    if not (cell.folder / "cell.yaml").is_file() or (cell.folder / "cell.yaml").read_text() != cell.config_text:
+        atomic_write_text(cell.folder / "cell.yaml", cell.config_text)
     args = [cell.task, "--config", str(cell.folder / "cell.yaml"), "--run_dir", str(cell.folder), *extra_args]
     log = cell.folder / "log.txt"
     if not in_process:
-        with log.open("w") as fh:
-            proc = subprocess.run([sys.executable, "-m", "bigain.cli", *args], stdout=fh, stderr=subprocess.STDOUT)
-        tail = log.read_text()[-2000:]
-        return proc.returncode, tail
+        return _run_subprocess(args, log)
     from bigain.cli import main
 
     buffer = io.StringIO()
     try:
         with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
             code = main(args)
-    except BaseException as exc:  # a failing cell must not stop the sweep (Ctrl-C still does)
+    except interrupts.Interrupted:
+        log.write_text(buffer.getvalue())
+        raise
+    except BaseException as exc:  # a failing cell must not stop the sweep (a stop signal does)
         if isinstance(exc, KeyboardInterrupt):
             raise
         buffer.write(traceback.format_exc())
@@ -174,23 +199,48 @@ def run_sweep(
     cells = expand_sweep(spec, out)
     root = Path(out or spec.get("out") or "runs/sweep")
     root.mkdir(parents=True, exist_ok=True)
-    results = []
+    lock = RunLock(root / "sweep.lock", option="--out")
+    with interrupts.handle_signals():
+        lock.acquire()
+        try:
+            return _run_cells(cells, root, in_process=in_process, extra_args=list(extra_args or []),
+                              progress=progress)
+        finally:
+            lock.release()
+
+
+def _run_cells(cells: list[Cell], root: Path, *, in_process: bool, extra_args: list[str],
+               progress: Callable[[int, int, Cell, str], None] | None) -> dict[str, Any]:
+    results: list[dict[str, Any]] = []
+
+    def save() -> None:
+        atomic_write_text(root / "sweep.json", json.dumps({"cells": results, "total": len(cells)}, indent=2))
+
     for i, cell in enumerate(cells):
         entry = {"task": cell.task, "dataset": cell.dataset, "method": cell.method, "folder": str(cell.folder)}
+        results.append(entry)
         if _finished(cell):
             entry["status"] = "skipped (finished)"
         else:
             start = time.perf_counter()
-            code, tail = _run_cell(cell, in_process=in_process, extra_args=list(extra_args or []))
+            try:
+                code, tail = _run_cell(cell, in_process=in_process, extra_args=extra_args)
+            except interrupts.Interrupted as exc:
+                code, tail = exc.exit_code, ""
             entry["seconds"] = round(time.perf_counter() - start, 1)
+            signum = interrupts.requested()
+            if signum is not None or code in (130, 143):  # stopped by a signal: not a failure
+                entry["status"] = "interrupted"
+                entry["log"] = str(cell.folder / "log.txt")
+                save()
+                raise interrupts.Interrupted(signum or code - 128)
             if code == 0:
                 entry["status"] = "complete"
             else:
                 entry["status"] = "failed"
                 entry["error"] = tail.strip().splitlines()[-1] if tail.strip() else f"exit code {code}"
                 entry["log"] = str(cell.folder / "log.txt")
-        results.append(entry)
-        (root / "sweep.json").write_text(json.dumps({"cells": results, "total": len(cells)}, indent=2))
+        save()
         if progress is not None:
             progress(i + 1, len(cells), cell, entry["status"])
     return {"cells": results, "total": len(cells), "failed": sum(r["status"] == "failed" for r in results)}

@@ -11,13 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from bigain.datamodules.base import BigainDataModule
 from bigain.datamodules.registry import datamodule_class_path
 from bigain.errors import BigainError
-from bigain.runs import RecordWriter, RunFolder, environment_info
+from bigain.interrupts import Interrupted, forward_to, handle_signals, reinstall, requested
+from bigain.runs import RankWatcher, RecordWriter, RunFolder, environment_info
 
 __all__ = ["run_evaluation", "EvalProgressBar", "translate_names", "model_meta"]
 
@@ -141,30 +142,80 @@ def run_evaluation(
     run_dir = cfg.run_dir or str(Path("runs") / task / (
         f"{cfg.model.compressor}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"))
     run = RunFolder(run_dir)
-    result_config = {"task": task, "model": model.result_config(), "data": _data_result_config(cfg.data)}
-    run.prepare(task=task, result_config=result_config, full_config=cli.parser.dump(cfg, skip_none=False),
-                overwrite=cfg.overwrite, resume=cfg.resume)
+    result_config = {"task": task, "model": model.result_config(), "data": _data_result_config(cfg.data),
+                     "precision": str(trainer.precision)}  # as Lightning resolved it (16-mixed on a CPU is bf16)
+    created = not run.path.exists()
+    with handle_signals():
+        run.prepare(task=task, result_config=result_config, full_config=cli.parser.dump(cfg, skip_none=False),
+                    overwrite=cfg.overwrite, resume=cfg.resume)
+        try:
+            return _predict_and_merge(run, cfg, model, dm, trainer, task, finalize)
+        except BaseException as exc:
+            if trainer.is_global_zero:
+                _record_failure(run, exc, trainer, created=created)
+            raise
+        finally:
+            run.release()
+
+
+def _predict_and_merge(run: RunFolder, cfg: Any, model: Any, dm: BigainDataModule, trainer: Any, task: str,
+                       finalize: Callable[[RunFolder, Any, BigainDataModule, Any], dict[str, Any]]) -> int:
     done = set() if cfg.overwrite else run.done_indices()
     dm.skip_indices(done)
     trainer.callbacks = [EvalProgressBar() if isinstance(cb, ProgressBar) else cb for cb in trainer.callbacks]
-    trainer.callbacks.append(RecordWriter(run))
+    trainer.callbacks += [RecordWriter(run), _SignalGuard()]
     dm.setup("predict")
-    try:
+    with RankWatcher(run) as ranks, forward_to(ranks.pids):
         if len(dm.dataset):  # every rank sees the same remaining indices; none left: just merge
             trainer.predict(model, datamodule=dm, return_predictions=False)
         else:
             model.configure_model()
-    except BaseException as exc:
-        if trainer.is_global_zero:
-            run.update_meta(status=f"interrupted: {type(exc).__name__}: {exc}")
-        raise
-    trainer.strategy.barrier()
+        trainer.strategy.barrier()
     if trainer.is_global_zero:
         summary = finalize(run, model, dm, trainer)
+        bad = run.bad_images()
         run.update_meta(status="complete", finished=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                        **environment_info(trainer), data=dm.describe(), summary=summary,
-                        bad_images=run.bad_images())
+                        **environment_info(trainer), data=dm.describe(), summary=summary, bad_images=bad)
         print(f"bigain {task}: {run.path}")
         for key, value in summary.items():
             print(f"  {key}: {value:.4f}" if isinstance(value, float) else f"  {key}: {value}")
+        if bad:
+            print(f"  skipped images: {len(bad)} (listed in {run.path / 'summary.md'})")
     return 0
+
+
+class _SignalGuard(Callback):
+    """Puts bigain's SIGINT/SIGTERM handlers back once Lightning has installed its own (which only
+    note a SIGTERM and let the predict loop go on)."""
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        reinstall()
+
+
+def _wait_for_ranks(trainer: Any, timeout: float = 30.0) -> None:
+    import subprocess
+
+    for proc in getattr(trainer.strategy.launcher, "procs", None) or []:
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _record_failure(run: RunFolder, exc: BaseException, trainer: Any, *, created: bool) -> None:
+    """Rank 0, when a run ends early: ``interrupted`` for a signal, ``failed`` for an error. A run folder
+    this start created and that holds no record is removed, so it never stands in the way."""
+    signum = exc.signum if isinstance(exc, Interrupted) else requested()
+    if signum is not None:
+        _wait_for_ranks(trainer)  # they got the signal too; let them finish their last append
+        name = Interrupted(signum).name
+        run.update_meta(status=f"interrupted ({name}): start the same command to resume",
+                        finished=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+        return
+    if created and not run.has_results():
+        import shutil
+
+        shutil.rmtree(run.path, ignore_errors=True)
+        return
+    run.update_meta(status=f"failed: {type(exc).__name__}: {exc}",
+                    finished=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))

@@ -27,8 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tasks", nargs="+", choices=["classify", "generate"], default=["classify", "generate"])
     parser.add_argument("--accelerator", default="auto", help="auto (a GPU when there is one), cpu, gpu")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                        help="precision the toy model runs in; auto: bfloat16 on a CPU (same accuracy, several "
-                             "times faster), float32 on a GPU. Noising and losses stay float32")
+                        help="precision the toy model runs in; auto: bfloat16 on a CPU that computes it natively "
+                             "(AMX / AVX-512 BF16 / ARM BF16), float32 on other CPUs (where bfloat16 is emulated "
+                             "and several times slower) and on a GPU; report.md says which and why. Noising and "
+                             "losses stay float32")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -40,11 +42,15 @@ def run(args: argparse.Namespace) -> int:
     from bigain.sweep import expand_sweep, run_sweep
 
     out = Path(args.out)
+    why = "chosen with --dtype"
     if args.dtype == "auto":
         import torch
 
+        from bigain.precision import auto_dtype
+
         on_gpu = args.accelerator in ("gpu", "cuda") or (args.accelerator == "auto" and torch.cuda.is_available())
-        args.dtype = "float32" if on_gpu else "bfloat16"
+        args.dtype, why = auto_dtype("cuda" if on_gpu else "cpu")
+    print(f"bigain demo: precision {args.dtype} ({why})", file=sys.stderr)
     spec = demo_sweep(out=out, quick=args.quick, images=args.images, gen_per_class=args.gen_per_class,
                       methods=args.methods, accelerator=args.accelerator, dtype=args.dtype, tasks=tuple(args.tasks))
     cells = expand_sweep(spec)
@@ -75,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
                       f"guidance {spec['generate']['model']['guidance_scale']}; FID/KID on the toy classifier's "
                       f"features against the real toy images of the same indices",
         "device": ", ".join(sorted(report["summary"].get("device", pd.Series()).dropna().astype(str).unique())) or "-",
-        "precision": args.dtype,
+        "precision": f"{args.dtype} ({why})",
         "wall time": f"{time.perf_counter() - start:.0f} s" + (f" ({reused} finished runs reused)" if reused else ""),
     }
     path = write_demo_report(out, report, settings)
