@@ -57,19 +57,35 @@ def classification_summary(records: pd.DataFrame) -> dict[str, Any]:
     return out
 
 
-def write_summary(row: dict[str, Any], folder, title: str = "Summary") -> None:
-    """Write one summary row as ``summary.csv`` and ``summary.md``."""
+def write_summary(row: dict[str, Any], folder, title: str = "Summary", skipped: list[dict] | None = None) -> None:
+    """Write one summary row as ``summary.csv`` and ``summary.md`` (each to a temporary name, then
+    renamed). ``skipped``: the images left out as unreadable (``on_bad_image: skip``), listed in
+    ``summary.md``."""
     from pathlib import Path
 
+    from bigain.runs import atomic_write_text
+
     folder = Path(folder)
-    df = pd.DataFrame([row])
-    df.to_csv(folder / "summary.csv", index=False)
+    atomic_write_text(folder / "summary.csv", pd.DataFrame([row]).to_csv(index=False))
     lines = [f"# {title}", "", "| field | value |", "|---|---|"]
     for key, value in row.items():
         if isinstance(value, float):
             value = f"{value:.4f}"
         lines.append(f"| {key} | {value} |")
-    (folder / "summary.md").write_text("\n".join(lines) + "\n")
+    if skipped:
+        lines += ["", *skipped_markdown(skipped)]
+    atomic_write_text(folder / "summary.md", "\n".join(lines) + "\n")
+
+
+def skipped_markdown(skipped: list[dict], run: str | None = None) -> list[str]:
+    """Markdown lines listing skipped (unreadable) images: index, file and error."""
+    where = f" in {run}" if run else ""
+    lines = [f"## Skipped images{where}", "", f"{len(skipped)} image(s) could not be read and were left out "
+             "(`on_bad_image: skip`):", "", "| index | file | error |", "|---|---|---|"]
+    for row in skipped:
+        error = str(row.get("error", "")).replace("|", "/").replace("\n", " ")
+        lines.append(f"| {row.get('index')} | {row.get('ref', '')} | {error} |")
+    return lines
 
 
 # -- many runs ------------------------------------------------------------------------------------
@@ -137,8 +153,7 @@ def load_runs(paths) -> tuple[pd.DataFrame, pd.DataFrame]:
         for name, result in (meta.get("metrics") or {}).items():
             if isinstance(result, dict) and isinstance(result.get("value"), (int, float)):
                 row[name] = result["value"]
-        path_parquet = path / "records.parquet"
-        records = pd.read_parquet(path_parquet) if path_parquet.is_file() else folder.merged_records()
+        records = folder.records()  # records.parquet, or the shards when it is missing or unreadable
         if len(records):
             record_frames.append(records.assign(run=str(path)))
             if row["task"] == "classify" and "correct" in records:
@@ -326,6 +341,12 @@ def write_report(paths, out_dir, *, baseline: str = "none", title: str = "bigain
         if not summary.empty else []
     if notes:
         sections += ["## Pairing notes", ""] + [f"- {n}" for n in notes] + [""]
+    from bigain.runs import RunFolder
+
+    for run_path in (runs["run"] if "run" in runs else []):
+        skipped = RunFolder(run_path).bad_images()
+        if skipped:
+            sections += [*skipped_markdown(skipped, run=run_path), ""]
     if spectrum is not None:
         from bigain.analysis.spectrum import spectrum_markdown
 

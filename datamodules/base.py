@@ -28,15 +28,34 @@ from torch.utils.data import DataLoader, Dataset
 
 from bigain.errors import ConfigError, DatasetError
 
-__all__ = ["BigainDataModule", "SplitIndex", "preprocess", "load_image", "collate"]
+__all__ = ["BigainDataModule", "SplitIndex", "preprocess", "load_image", "collate", "HIGH_BIT_DEPTH_MODES"]
+
+
+#: Single-channel PIL modes with more than 8 bits, and the value that is full white in each.
+HIGH_BIT_DEPTH_MODES = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0, "I": 65535.0,
+                        "F": 1.0}
 
 
 def preprocess(image, size: int) -> torch.Tensor:
     """PIL image -> float32 ``[3, size, size]`` in ``[-1, 1]``: bicubic resize of the short side to
-    ``size``, center crop, RGB (ALGORITHMS.md 8.1)."""
+    ``size``, center crop, RGB.
+
+    8-bit images (any mode PIL converts to RGB) are scaled by 255. High-bit-depth grey images are
+    scaled by their own range: 16-bit (``I;16*``, and 32-bit integer ``I`` as PNG and TIFF decoders
+    give 16-bit data) by 65535, floating point (``F``) taken as ``[0, 1]``; they become grey RGB.
+    """
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms import functional as TF
 
+    if image.mode in HIGH_BIT_DEPTH_MODES:
+        from PIL import Image
+
+        values = np.asarray(image, dtype=np.float32) / HIGH_BIT_DEPTH_MODES[image.mode]
+        grey = Image.fromarray(np.clip(values, 0.0, 1.0), mode="F")
+        grey = TF.resize(grey, size, interpolation=InterpolationMode.BICUBIC, antialias=True)
+        grey = TF.center_crop(grey, [size, size])
+        tensor = torch.from_numpy(np.array(grey, dtype=np.float32)).clamp(0.0, 1.0)
+        return tensor.unsqueeze(0).repeat(3, 1, 1) * 2.0 - 1.0
     image = image.convert("RGB")
     image = TF.resize(image, size, interpolation=InterpolationMode.BICUBIC, antialias=True)
     image = TF.center_crop(image, [size, size])
@@ -44,14 +63,18 @@ def preprocess(image, size: int) -> torch.Tensor:
 
 
 def load_image(path: str | Path, size: int) -> torch.Tensor:
-    """Read, verify and preprocess one image file; errors name the file and the fix."""
-    from PIL import Image, UnidentifiedImageError
+    """Read, verify and preprocess one image file; errors name the file and the fix.
+
+    The EXIF orientation tag is applied (a photo stored sideways with "rotate 90" is turned upright),
+    as image viewers show it; see :func:`preprocess` for the scaling of each bit depth.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path)
     try:
         with Image.open(path) as im:
             im.load()  # decodes fully: truncated files fail here, not later
-            return preprocess(im, size)
+            return preprocess(ImageOps.exif_transpose(im), size)
     except FileNotFoundError as exc:
         raise DatasetError(f"image file {path} does not exist; check the dataset root") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:

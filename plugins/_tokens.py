@@ -44,7 +44,10 @@ def check_ratio(ratio: float, sx: int, sy: int, *, method: str) -> None:
     """A merge/prune ratio must leave one destination per ``sy x sx`` cell."""
     check_stride(sx, sy)
     limit = 1.0 - 1.0 / (sx * sy)
-    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0.0 <= ratio <= limit + 1e-12:
+    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool):
+        raise ConfigError(f"{method}: ratio must be a number in [0, {limit:g}] (the fraction of tokens merged "
+                          f"or pruned), got {ratio!r}")
+    if not 0.0 <= ratio <= limit + 1e-12:
         raise ConfigError(
             f"{method}: ratio={ratio!r} is out of range: with a {sy}x{sx} stride cell one token in "
             f"{sx * sy} must stay a destination, so the ratio must lie in [0, {limit:g}]. "

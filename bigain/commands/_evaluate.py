@@ -16,7 +16,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from bigain.datamodules.base import BigainDataModule
 from bigain.datamodules.registry import datamodule_class_path
-from bigain.errors import BigainError
+from bigain.errors import BigainError, ConfigError
 from bigain.interrupts import Interrupted, forward_to, handle_signals, reinstall, requested
 from bigain.runs import RankWatcher, RecordWriter, RunFolder, environment_info
 
@@ -67,14 +67,18 @@ def _translate_config(path: Path) -> str:
         cfg = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise BigainError(f"config file {path} is not valid YAML: {exc}") from exc
-    if isinstance(cfg, dict):
-        data = cfg.get("data")
-        if isinstance(data, str):
-            cfg["data"] = {"class_path": datamodule_class_path(data)}
-        elif isinstance(data, dict) and isinstance(data.get("class_path"), str):
-            data["class_path"] = datamodule_class_path(data["class_path"])
-        return yaml.safe_dump(cfg, sort_keys=False)
-    return text
+    if cfg is None:
+        raise ConfigError(f"config file {path} is empty; give it model, data and trainer sections (like "
+                          f"configs/classify-toy.yaml), or leave --config out")
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections (model, data, trainer, ...), "
+                          f"not a {type(cfg).__name__}")
+    data = cfg.get("data")
+    if isinstance(data, str):
+        cfg["data"] = {"class_path": datamodule_class_path(data)}
+    elif isinstance(data, dict) and isinstance(data.get("class_path"), str):
+        data["class_path"] = datamodule_class_path(data["class_path"])
+    return yaml.safe_dump(cfg, sort_keys=False)
 
 
 def model_meta(run: RunFolder, model: Any, dm: BigainDataModule) -> dict[str, Any]:

@@ -14,18 +14,20 @@ from typing import Any
 
 from bigain.commands._evaluate import model_meta, run_evaluation
 from bigain.reporting import classification_summary, write_summary
+from bigain.runs import atomic_write_parquet
 from bigain.tasks.classification import DiffusionClassifier
 
 
 def _finalize(run, model, dm, trainer) -> dict[str, Any]:
     df = run.merged_records()
-    df.to_parquet(run.path / "records.parquet", index=False)
+    atomic_write_parquet(df, run.path / "records.parquet")
     hp = model.hparams
     summary = {"task": "classify", "backbone": hp.backbone, "dataset": dm.name or type(dm).__name__,
                "compressor": hp.compressor, "hyperparameters": model.compressor.hyperparameters(),
                "seed": hp.seed, **classification_summary(df)}
     row = {**summary, "hyperparameters": str(summary["hyperparameters"])}
-    write_summary(row, run.path, title=f"Classification: {hp.compressor} on {summary['dataset']}")
+    write_summary(row, run.path, title=f"Classification: {hp.compressor} on {summary['dataset']}",
+                  skipped=run.bad_images())
     run.update_meta(**model_meta(run, model, dm))
     return summary
 

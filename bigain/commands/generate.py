@@ -22,6 +22,7 @@ import torch
 from bigain.commands._evaluate import model_meta, run_evaluation
 from bigain.metrics import ImageFiles, score_images, single_label
 from bigain.reporting import write_summary
+from bigain.runs import atomic_write_parquet
 from bigain.tasks.generation import METRIC_OPTIONS, DiffusionGenerator, to_uint8
 
 __all__ = ["main", "write_contact_sheet", "real_images"]
@@ -62,7 +63,7 @@ def write_contact_sheet(path: Path, images: Sequence[torch.Tensor], captions: Se
 
 def _finalize(run, model, dm, trainer) -> dict[str, Any]:
     df = run.merged_records()
-    df.to_parquet(run.path / "records.parquet", index=False)
+    atomic_write_parquet(df, run.path / "records.parquet")
     hp = model.hparams
     indices = [int(i) for i in df["index"]]
     images = ImageFiles(run.path / p for p in df.get("path", []))
@@ -92,7 +93,8 @@ def _finalize(run, model, dm, trainer) -> dict[str, Any]:
     for name, result in metrics.items():
         summary[name] = result.get("value", "unavailable")
     row = {**summary, "hyperparameters": str(summary["hyperparameters"])}
-    write_summary(row, run.path, title=f"Generation: {hp.compressor} on {summary['dataset']}")
+    write_summary(row, run.path, title=f"Generation: {hp.compressor} on {summary['dataset']}",
+                  skipped=run.bad_images())
     run.update_meta(metrics=metrics, metric_options={k: hp[k] for k in METRIC_OPTIONS}, **model_meta(run, model, dm))
     return summary
 
