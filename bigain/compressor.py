@@ -25,6 +25,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from bigain.keyed_random import hash_words, keyed_randint, keyed_randn, quantize_timesteps, split_seed
+
 __all__ = ["TokenCompressor", "Compressed", "LayerContext", "derive_seed"]
 
 
@@ -78,9 +80,9 @@ class LayerContext:
         seed: the framework seed of this application (``bigain.apply(..., seed=)``).
         layer_index: position of the layer among all compressible layers of the denoiser.
         num_train_timesteps: the length of the model's training noise schedule.
-        timestep_values: ``timesteps`` as Python floats, when the caller already has them on the
-            host (the framework reads them once per denoiser call); ``None`` reads them from
-            ``timesteps``, which waits for the device.
+        timestep_values: ``timesteps`` as Python floats, when a caller already has them on the host;
+            only :attr:`generator` reads them. The framework never fills it (it never reads
+            timesteps back to the host).
     """
 
     name: str
@@ -122,43 +124,41 @@ class LayerContext:
 
     @cached_property
     def generator(self) -> torch.Generator:
-        """A generator seeded by the framework from ``(seed, layer, timesteps)``.
+        """A ``torch.Generator`` seeded from ``(seed, layer, timesteps)``, for eager-only code.
 
-        Use it for randomness that may depend on the whole batch. For randomness that must not
-        depend on how samples were batched, use :meth:`sample_randint` / :meth:`sample_randn`.
+        Seeding it reads the timesteps back to the host (a device sync) and a generator cannot be
+        traced, so a compressor that uses it breaks ``torch.compile`` graphs and CUDA graphs. Prefer
+        :meth:`sample_randint` / :meth:`sample_randn`, which are traceable and batch-independent.
         """
-        key = derive_seed("call", self.seed, self.layer_index, self._host_timesteps())
+        values = self.timestep_values if self.timestep_values is not None else tuple(self.timesteps.tolist())
+        key = derive_seed("call", self.seed, self.layer_index, values)
         return torch.Generator(device=self.metric.device).manual_seed(key)
 
-    def _host_timesteps(self) -> tuple[float, ...]:
-        if self.timestep_values is not None:
-            return self.timestep_values
-        return tuple(self.timesteps.tolist())
+    def sample_keys(self, stream: int = 0) -> Tensor:
+        """``[B]`` int64 keys of this call's per-sample random draws: a hash of
+        ``(seed, layer_index, stream, timestep of the sample)``.
 
-    def _per_timestep(self, draw: Callable[[torch.Generator], Tensor]) -> Tensor:
-        # Grouped on the host, so drawing never waits for the device.
-        values = self._host_timesteps()
-        rows: dict[float, Tensor] = {}
-        for value in values:
-            if value not in rows:
-                key = derive_seed("sample", self.seed, self.layer_index, round(float(value), 4))
-                rows[value] = draw(torch.Generator(device=self.metric.device).manual_seed(key))
-        return torch.stack([rows[value] for value in values])
+        Samples that share a timestep share a key. Use different ``stream`` values for independent
+        draws within one call.
+        """
+        lo, hi = split_seed(self.seed)
+        return hash_words([lo, hi, self.layer_index, stream, quantize_timesteps(self.timesteps)],
+                          device=self.timesteps.device)
 
-    def sample_randint(self, high: int, size: tuple[int, ...]) -> Tensor:
-        """``[B, *size]`` integers in ``[0, high)``, one draw per distinct timestep.
+    def sample_randint(self, high: int, size: tuple[int, ...], *, stream: int = 0) -> Tensor:
+        """``[B, *size]`` int64 integers in ``[0, high)``, one draw per distinct timestep.
 
         Samples that share a timestep (for example the two halves of a classifier-free-guidance
         batch, or every class scored at one timestep) get the same draw, and the draw does not
-        depend on batch size or order: it is keyed by ``(seed, layer, timestep)``.
+        depend on batch size or order: it is a counter-based hash of ``(seed, layer, stream,
+        timestep, position)`` computed with integer tensor operations, so it is the same on every
+        device, needs no host round trip and traces into one ``torch.compile`` graph.
         """
-        dev = self.metric.device
-        return self._per_timestep(lambda g: torch.randint(0, high, size, generator=g, device=dev))
+        return keyed_randint(self.sample_keys(stream), high, size).to(self.metric.device)
 
-    def sample_randn(self, size: tuple[int, ...]) -> Tensor:
+    def sample_randn(self, size: tuple[int, ...], *, stream: int = 0) -> Tensor:
         """``[B, *size]`` float32 standard normals, one draw per distinct timestep (see above)."""
-        dev = self.metric.device
-        return self._per_timestep(lambda g: torch.randn(size, generator=g, device=dev))
+        return keyed_randn(self.sample_keys(stream), size).to(self.metric.device)
 
 
 class TokenCompressor(ABC):

@@ -12,6 +12,7 @@ __all__ = [
     "CheckpointError",
     "DatasetError",
     "RunFolderError",
+    "CompressorError",
 ]
 
 
@@ -52,3 +53,8 @@ class DatasetError(BigainError):
 
 class RunFolderError(BigainError):
     """A run folder holds results of a different configuration."""
+
+
+class CompressorError(BigainError, RuntimeError):
+    """A compressor failed, or broke the contract, during a forward; names the compressor, its
+    distribution and the layer."""

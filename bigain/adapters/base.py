@@ -1,0 +1,120 @@
+"""The denoiser adapter contract: the one place that knows a model family.
+
+An adapter answers, for one denoiser class: which self-attention layers can be compressed and at
+which downsample level each sits, how a call's token grid and timesteps are read from the
+denoiser's arguments, and which tensor compressors score tokens on by default. Everything that
+attaches a compressor goes through an adapter; nothing else switches on a family name.
+
+Adapters are found through the entry-point group ``bigain.adapters`` (see
+:mod:`bigain.adapters`), so a third party adds a family with one module and one entry point.
+
+Everything an adapter computes per call must be traceable by ``torch.compile`` without a graph
+break or a device sync: read shapes (static Python ints) and pass tensors on, never call
+``.item()`` / ``.tolist()`` on them.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+from torch import nn
+
+__all__ = ["AttentionSite", "DenoiserAdapter", "argument"]
+
+
+@dataclass(frozen=True)
+class AttentionSite:
+    """One self-attention layer of a denoiser, as an adapter offers it.
+
+    Attributes:
+        name: the attention module's qualified name in the denoiser.
+        block: the transformer block holding it (its input is the ``"block"`` metric).
+        attn: the diffusers ``Attention`` module whose processor is wrapped.
+        level: downsample level of the layer's token grid (1 = the first, finest grid).
+        block_index: position of the block in the family's own numbering (a DiT block index), or
+            ``None`` when the family selects layers by level only.
+    """
+
+    name: str
+    block: nn.Module
+    attn: nn.Module
+    level: int
+    block_index: int | None = None
+
+
+def argument(args: tuple, kwargs: dict, position: int, names: Sequence[str]) -> Any:
+    """A call argument given by one of ``names`` as a keyword, or at ``position``; ``None`` if absent."""
+    for name in names:
+        if name in kwargs:
+            return kwargs[name]
+    return args[position] if len(args) > position else None
+
+
+class DenoiserAdapter(ABC):
+    """Base class of the adapters of a model family.
+
+    Subclasses set :attr:`family` and :attr:`default_metric`, implement :meth:`matches`,
+    :meth:`sites`, :meth:`select` and :meth:`token_size`, and may override :meth:`timesteps` and
+    :meth:`grid`.
+
+    Args:
+        denoiser: the denoiser module (for which :meth:`matches` returned True).
+    """
+
+    #: The family's short name ("unet", "dit"), recorded in reports.
+    family: ClassVar[str] = ""
+    #: What compressors score tokens on unless ``bigain.apply(metric=...)`` says otherwise.
+    default_metric: ClassVar[Literal["block", "attention"]] = "attention"
+    #: The denoiser classes the adapter handles, for error messages.
+    handles: ClassVar[str] = ""
+
+    def __init__(self, denoiser: nn.Module) -> None:
+        self.denoiser = denoiser
+
+    @classmethod
+    @abstractmethod
+    def matches(cls, module: Any) -> bool:
+        """Whether ``module`` is a denoiser of this family."""
+
+    @abstractmethod
+    def sites(self) -> list[AttentionSite]:
+        """Every self-attention layer of the denoiser, in execution order."""
+
+    @abstractmethod
+    def select(self, sites: list[AttentionSite], *, max_downsample: int,
+               blocks: Sequence[int] | Literal["paper", "all"]) -> tuple[list[AttentionSite], list[tuple[str, str]]]:
+        """The sites to compress under ``bigain.apply``'s selection options, and ``(name, reason)``
+        for each site left out. Raise :class:`bigain.errors.ConfigError` for an option that does
+        not apply to the family."""
+
+    @abstractmethod
+    def token_size(self, args: tuple, kwargs: dict) -> tuple[int, int] | None:
+        """The ``(h, w)`` token grid of level 1 for one denoiser call, from its arguments' shapes."""
+
+    def timesteps(self, args: tuple, kwargs: dict) -> Any:
+        """The call's timesteps as given (a tensor or a number), or ``None``."""
+        return argument(args, kwargs, 1, ("timestep", "timesteps"))
+
+    def grid(self, site: AttentionSite, num_tokens: int, size: tuple[int, int]) -> tuple[int, int] | None:
+        """The token grid of a call of ``site`` with ``num_tokens`` tokens, given the level-1 ``size``.
+
+        The default tries the site's level first, then every other power of two, rounding up as a
+        strided convolution does (``ceil(h / level)``); ``None`` if no level fits.
+        """
+        height, width = size
+        for d in [site.level] + [2**k for k in range(8) if 2**k != site.level]:
+            h, w = math.ceil(height / d), math.ceil(width / d)
+            if h * w == num_tokens:
+                return h, w
+        return None
+
+    def all_layers(self) -> dict[str, Any]:
+        """``bigain.apply`` selection options that select every site (for analysis tools)."""
+        return {"blocks": "all"}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({type(self.denoiser).__name__})"
