@@ -1,29 +1,34 @@
 """The conformance suite every compressor plugin must pass, and tiny models to run it on.
 
-Plugin authors call it from their own tests::
+Plugin authors run it from their own tests, one pytest test per named check::
 
-    from bigain.testing import check_compressor
+    from bigain.testing import parametrize_with_checks
 
-    def test_my_compressor():
-        check_compressor("my_method")             # or the class, or with params={...}
+    @parametrize_with_checks([MyMethod(), MyMethod(factor=4)])
+    def test_conformance(compressor, check):
+        check(compressor)
 
-It raises ``AssertionError`` naming the first check that fails, and returns the names of the checks
-that passed. Everything runs on the CPU in a few seconds.
+or all at once with ``check_compressor("my_method")`` (a name, a class or an instance), which
+raises ``AssertionError`` naming every failed check and returns the names of those that passed. A
+check that does not apply warns (:class:`~bigain.conformance.CheckNotApplicable`) instead of
+passing. The checks themselves live in :mod:`bigain.checks`; :func:`~bigain.conformance.check`
+registers more. Everything runs on the CPU in a few seconds.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from bigain.compressor import LayerContext, TokenCompressor
-from bigain.patching import apply
-from bigain.registry import create_compressor, get_compressor
+from bigain.compressor import TokenCompressor
+from bigain.conformance import CHECKS, Check, CheckNotApplicable, Subject, check
 
-__all__ = ["check_compressor", "tiny_unet", "tiny_dit", "save_tiny_stable_diffusion", "save_tiny_dit",
+__all__ = ["check_compressor", "iter_checks", "parametrize_with_checks", "CHECKS", "Check", "CheckNotApplicable",
+           "Subject", "check", "tiny_unet", "tiny_dit", "save_tiny_stable_diffusion", "save_tiny_dit",
            "TINY_UNET_CONFIG", "TINY_DIT_CONFIG"]
 
 #: A two-level SD-style UNet with attention at both levels (~0.8 M parameters).
@@ -76,138 +81,111 @@ def tiny_dit(seed: int = 0) -> nn.Module:
     return model
 
 
-def _fail(check: str, message: str) -> None:
-    raise AssertionError(f"[{check}] {message}")
+def _subject(compressor: Any, params: Mapping[str, Any] | None, seed: int):
+    from bigain.conformance import Subject
+
+    return Subject.of(compressor, params=params, seed=seed)
 
 
-def _inputs(family: str, seed: int) -> tuple[tuple, dict]:
-    g = torch.Generator().manual_seed(seed)
-    if family == "unet":
-        x = torch.randn(2, 4, 16, 12, generator=g)  # non-square latent
-        t = torch.tensor([100, 800])
-        enc = torch.randn(2, 5, 32, generator=g)
-        return (x, t, enc), {}
-    x = torch.randn(2, 4, 8, 8, generator=g)
-    return (x,), {"timestep": torch.tensor([100, 800]), "class_labels": torch.tensor([1, 7])}
+def _selected(checks: Iterable[str] | None) -> list:
+    from bigain.conformance import CHECKS
+
+    if checks is None:
+        return list(CHECKS.values())
+    unknown = [c for c in checks if c not in CHECKS]
+    if unknown:
+        raise ValueError(f"unknown conformance check(s) {unknown}; the checks are {list(CHECKS)}")
+    return [CHECKS[c] for c in checks]
 
 
-def _run(model: nn.Module, args: tuple, kwargs: dict) -> Tensor:
-    with torch.no_grad():
-        return model(*args, **kwargs).sample
-
-
-def _processors(model: nn.Module) -> dict[str, Any]:
-    return {name: m.processor for name, m in model.named_modules() if hasattr(m, "processor")}
-
-
-def check_compressor(
-    compressor: str | type[TokenCompressor],
+def iter_checks(
+    compressor: str | type[TokenCompressor] | TokenCompressor,
     *,
     params: Mapping[str, Any] | None = None,
     seed: int = 0,
-) -> list[str]:
-    """Check that a compressor honours the plugin contract.
+    checks: Iterable[str] | None = None,
+) -> Iterator[tuple[str, Callable[[], bool]]]:
+    """``(name, run)`` for every conformance check (or the named ``checks``), in order.
+
+    ``run()`` runs that one check: it returns True when it passed, False with a
+    :class:`~bigain.conformance.CheckNotApplicable` warning when it does not apply, and raises
+    ``AssertionError`` starting with ``[name]`` when it fails.
+
+    Example:
+        >>> from bigain.testing import iter_checks
+        >>> names = [name for name, _ in iter_checks("tome")]
+        >>> names[0], names[1]
+        ('contract', 'shapes')
+    """
+    from bigain.conformance import run_check
+
+    subject = _subject(compressor, params, seed)
+    for chk in _selected(checks):
+        yield chk.name, functools.partial(run_check, chk, subject)
+
+
+def parametrize_with_checks(compressors: Iterable[Any], *, checks: Iterable[str] | None = None):
+    """A ``pytest.mark.parametrize`` of ``(compressor, check)``: one test per compressor and check.
 
     Args:
-        compressor: a registered name or a :class:`TokenCompressor` subclass.
-        params: hyperparameters to test with (default: the class defaults).
-        seed: seed of the inputs and of the applications.
+        compressors: registered names, classes (tested with their defaults) or instances (tested
+            with their hyperparameters, e.g. ``MyMethod(factor=4)``).
+        checks: the names of the checks to run (default: every registered one).
 
-    Checks: the class contract (keyword-only hyperparameters with defaults, stored under their own
-    names); direct calls on square, non-square and non-divisible grids in float32 and bfloat16
-    (shapes restored, dtype kept, finite); determinism for a fixed seed; the global RNG untouched;
-    a tiny SD UNet and a tiny DiT run compressed, and after ``remove()`` give bitwise the output they
-    gave before ``apply()`` with the very same processor objects back; the class's
-    ``identity_params`` leave both models bitwise unchanged.
+    Example::
+
+        from bigain.testing import parametrize_with_checks
+
+        @parametrize_with_checks([MyMethod(), MyMethod(factor=4)])
+        def test_conformance(compressor, check):
+            check(compressor)
+
+    ``check(compressor)`` runs one named check; its pytest id is ``<compressor>-<check>``.
     """
-    cls = get_compressor(compressor) if isinstance(compressor, str) else compressor
-    passed: list[str] = []
+    import pytest
 
-    # -- contract -----------------------------------------------------------------------------
-    import inspect
+    cases, ids = [], []
+    for comp in compressors:
+        label = comp if isinstance(comp, str) else _subject(comp, None, 0).label
+        for chk in _selected(checks):
+            cases.append((comp, chk))
+            ids.append(f"{label}-{chk.name}")
+    return pytest.mark.parametrize("compressor, check", cases, ids=ids)
 
-    if not (isinstance(cls, type) and issubclass(cls, TokenCompressor)):
-        _fail("contract", f"{cls!r} is not a TokenCompressor subclass")
-    sig = inspect.signature(cls.__init__)
-    for p in list(sig.parameters.values())[1:]:
-        if p.kind is not p.KEYWORD_ONLY:
-            _fail("contract", f"__init__ parameter {p.name!r} must be keyword-only (put it after '*')")
-        if p.default is p.empty:
-            _fail("contract", f"hyperparameter {p.name!r} needs a default")
-    comp = create_compressor(cls, **dict(params or {}))
-    try:
-        hp = comp.hyperparameters()
-    except AttributeError as exc:
-        _fail("contract", f"every hyperparameter must be stored as an attribute of the same name: {exc}")
-    if create_compressor(cls, **hp) != comp:
-        _fail("contract", "rebuilding from hyperparameters() gives a different compressor")
-    passed.append("contract")
 
-    # -- direct calls -------------------------------------------------------------------------
-    rng_before = torch.get_rng_state()
-    g = torch.Generator().manual_seed(seed)
-    for grid in [(8, 8), (6, 10), (7, 5)]:
-        for dtype in (torch.float32, torch.bfloat16):
-            n = grid[0] * grid[1]
-            x = torch.randn(3, n, 16, generator=g).to(dtype)
-            ctx = LayerContext.for_tokens(x, grid=grid, timesteps=torch.tensor([10.0, 500.0, 500.0]), seed=seed)
-            if not comp.applies_to(ctx):
-                continue
-            out = comp.compress(x, ctx)
-            out2 = comp.compress(x, LayerContext.for_tokens(x, grid=grid, timesteps=ctx.timesteps, seed=seed))
-            where = f"grid {grid}, {dtype}"
-            if out.queries.ndim != 3 or out.queries.shape[0] != 3 or out.queries.shape[2] != 16:
-                _fail("shapes", f"{where}: queries have shape {tuple(out.queries.shape)}, expected [3, M, 16]")
-            if out.context.ndim != 3 or out.context.shape[0] != 3 or out.context.shape[2] != 16:
-                _fail("shapes", f"{where}: context has shape {tuple(out.context.shape)}, expected [3, K, 16]")
-            y = torch.randn(3, out.queries.shape[1], 24, generator=g).to(dtype)
-            restored = out.restore(y)
-            if tuple(restored.shape) != (3, n, 24):
-                _fail("shapes", f"{where}: restore gave {tuple(restored.shape)}, expected (3, {n}, 24)")
-            if out.queries.dtype != dtype or restored.dtype != dtype:
-                _fail("dtype", f"{where}: the input dtype {dtype} is not kept")
-            if not torch.isfinite(out.queries.float()).all() or not torch.isfinite(out.context.float()).all():
-                _fail("finite", f"{where}: non-finite values in the compressed tokens")
-            if not (torch.equal(out.queries, out2.queries) and torch.equal(out.context, out2.context)
-                    and torch.equal(out.restore(y), out2.restore(y))):
-                _fail("deterministic", f"{where}: two calls with the same seed differ")
-    passed += ["shapes", "dtype", "deterministic"]
+def check_compressor(
+    compressor: str | type[TokenCompressor] | TokenCompressor,
+    *,
+    params: Mapping[str, Any] | None = None,
+    seed: int = 0,
+    checks: Iterable[str] | None = None,
+) -> list[str]:
+    """Run every conformance check (or the named ``checks``) on a compressor.
 
-    # -- on models ----------------------------------------------------------------------------
-    for family, build, options in (("unet", tiny_unet, {"max_downsample": 2}), ("dit", tiny_dit, {"blocks": "all"})):
-        model = build(seed)
-        args, kwargs = _inputs(family, seed)
-        before = _run(model, args, kwargs)
-        procs = _processors(model)
-        handle = apply(model, comp, seed=seed, **options)
-        first = _run(model, args, kwargs)
-        second = _run(model, args, kwargs)
-        handle.remove()
-        after = _run(model, args, kwargs)
-        if first.shape != before.shape or not torch.isfinite(first).all():
-            _fail(f"{family}", f"compressed output has shape {tuple(first.shape)} or non-finite values")
-        if not torch.equal(first, second):
-            _fail("deterministic", f"{family}: two compressed forwards with the same seed differ")
-        if not torch.equal(after, before):
-            _fail("exact-restore", f"{family}: output after remove() differs from before apply()")
-        now = _processors(model)
-        if now.keys() != procs.keys() or any(now[k] is not procs[k] for k in procs):
-            _fail("exact-restore", f"{family}: remove() did not put back the original processor objects")
-        if cls.identity_params is not None:
-            ident = create_compressor(cls, **{**dict(params or {}), **dict(cls.identity_params)})
-            with apply(model, ident, seed=seed, **options):
-                same = _run(model, args, kwargs)
-            if not torch.equal(same, before):
-                _fail("identity", f"{family}: {ident!r} changed the output; it must be bitwise identical")
-        passed.append(family)
-    if cls.identity_params is not None:
-        passed.append("identity")
-    passed.append("exact-restore")
+    Args:
+        compressor: a registered name (or ``module:Class`` import path), a :class:`TokenCompressor`
+            subclass, or an instance (tested with its hyperparameters).
+        params: hyperparameters to test a name or class with (default: the class defaults).
+        seed: seed of the inputs and of the applications.
+        checks: names of the checks to run (default: all, see :data:`bigain.conformance.CHECKS`).
 
-    if not torch.equal(rng_before, torch.get_rng_state()):
-        _fail("global-rng", "the compressor consumed or reseeded the global torch RNG; use ctx.generator, "
-                            "ctx.sample_randint or ctx.sample_randn")
-    passed.append("global-rng")
+    Returns:
+        The names of the checks that passed. Checks that do not apply are left out, each with a
+        :class:`~bigain.conformance.CheckNotApplicable` warning saying why.
+
+    Raises:
+        AssertionError: one or more checks failed; the message has one ``[check] reason`` line per
+            failed check.
+    """
+    passed, failures = [], []
+    for name, run in iter_checks(compressor, params=params, seed=seed, checks=checks):
+        try:
+            if run():
+                passed.append(name)
+        except AssertionError as exc:
+            failures.append(str(exc))
+    if failures:
+        raise AssertionError("\n".join(failures))
     return passed
 
 

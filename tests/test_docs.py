@@ -209,12 +209,20 @@ def test_backbone_option_tables_match_the_backbones(name):
         assert ast.literal_eval(shown) == expected[key], (name, key, shown)
 
 
+def test_the_plugin_guide_lists_every_conformance_check_with_its_purpose():
+    from bigain.conformance import CHECKS
+
+    text = (DOCS / "guides" / "plugin.md").read_text()
+    table = text.split("| check | what it verifies |", 1)[1].split("\n\n", 1)[0]
+    rows = re.findall(r"^\| `(\w+)` \| (.+) \|$", table, re.M)
+    assert rows == [(c.name, c.purpose) for c in CHECKS.values()]
+
+
 # -- the included example code runs ----------------------------------------------------------------
 
 def test_example_plugin_test_shown_in_the_guide_imports():
     """The guide shows the plugin's own test file; importing it resolves the plugin and the suite.
-    Its assertion (``check_compressor`` passes) runs in tests/test_example_plugin.py, on the
-    installed package."""
+    Its tests (one per named check) run in tests/test_example_plugin.py, on the installed package."""
     src = ROOT / "examples" / "bigain-example-plugin" / "src"
     test_file = ROOT / "examples" / "bigain-example-plugin" / "tests" / "test_avgpool_kv.py"
     sys.path.insert(0, str(src))
@@ -222,9 +230,11 @@ def test_example_plugin_test_shown_in_the_guide_imports():
         spec = importlib.util.spec_from_file_location("_docs_example_plugin_test", test_file)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        from bigain.testing import check_compressor
+        from bigain.testing import parametrize_with_checks
 
-        assert module.check_compressor is check_compressor and callable(module.test_conformance)
+        assert module.parametrize_with_checks is parametrize_with_checks
+        marks = module.test_conformance.pytestmark
+        assert [m.args[0] for m in marks] == ["compressor, check"] and len(marks[0].args[1]) > 0
         assert module.AvgPoolKV.name == "avgpool_kv"
     finally:
         sys.path.remove(str(src))

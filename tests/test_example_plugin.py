@@ -39,8 +39,19 @@ def test_usable_by_name_and_conformant(installed):
         "u(torch.randn(1, 4, 16, 16), 3, torch.zeros(1, 5, 32)); print(h.stats()[0]['keys_values'])"
     )
     out = run(installed, "-c", code).splitlines()
-    assert "exact-restore" in out[0]
+    assert "remove_restores" in out[0] and "compresses" in out[0]
     assert float(out[1]) == 64.0
+
+
+def test_its_own_tests_run_one_test_per_check(installed):
+    """The plugin's test file (shown in the plugin guide) runs every named check on two settings."""
+    from bigain.conformance import CHECKS
+
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir",
+                          str(EXAMPLE), str(EXAMPLE / "tests" / "test_avgpool_kv.py")],
+                         env=installed, capture_output=True, text=True, cwd=EXAMPLE)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert f"{2 * len(CHECKS)} passed" in out.stdout
 
 
 def test_disable_autoload_hides_it(installed):

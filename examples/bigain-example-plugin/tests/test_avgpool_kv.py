@@ -1,7 +1,8 @@
 from bigain_example_plugin import AvgPoolKV
 
-from bigain.testing import check_compressor
+from bigain.testing import parametrize_with_checks
 
 
-def test_conformance():
-    assert "exact-restore" in check_compressor(AvgPoolKV)
+@parametrize_with_checks([AvgPoolKV(), AvgPoolKV(factor=4)])
+def test_conformance(compressor, check):
+    check(compressor)
