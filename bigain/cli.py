@@ -28,6 +28,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "visualize": ("bigain.commands.visualize", "merge maps, frequency retention and side-by-side samples, as PNGs"),
 }
 
+#: Commands that keep their finished work when stopped and resume it when started again.
+RESUMABLE = ("classify", "generate", "sweep", "demo")
+
 
 def _build_parser() -> argparse.ArgumentParser:
     from bigain import __version__
@@ -65,8 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except Interrupted as exc:
             if nested():  # a sweep's in-process cell: the sweep records it and stops
                 raise
-            print(f"bigain {name}: {exc}; what finished is saved, run the same command again to resume",
-                  file=sys.stderr)
+            hint = "; what finished is saved, run the same command again to resume" if name in RESUMABLE else ""
+            print(f"bigain {name}: {exc}{hint}", file=sys.stderr)
             return exc.exit_code
 
 

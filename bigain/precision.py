@@ -50,7 +50,7 @@ def native_bf16_cpu() -> bool:
 
 
 def cpu_description() -> str:
-    """The CPU's model and the SIMD level PyTorch uses on it, e.g. ``AMD EPYC 7B13 (AVX2)``."""
+    """The CPU's model and the SIMD level PyTorch uses on it, e.g. ``AMD EPYC 7B13, AVX2``."""
     import torch
 
     name = platform.processor() or platform.machine()
@@ -62,7 +62,7 @@ def cpu_description() -> str:
     except OSError:
         pass
     capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "unknown")()
-    return f"{name} ({capability})"
+    return f"{name}, {capability}"
 
 
 def auto_dtype(device: str) -> tuple[str, str]:
@@ -73,9 +73,9 @@ def auto_dtype(device: str) -> tuple[str, str]:
         CPU and on GPUs (the toy model is small enough that float32 costs nothing there).
     """
     if device.startswith("cuda"):
-        return "float32", "a GPU: float32 (the toy model is too small for bfloat16 to pay off)"
+        return "float32", "on a GPU, float32 costs the toy model next to nothing"
     flags = cpu_bf16_flags()
     if flags:
-        return "bfloat16", f"this CPU computes bfloat16 natively ({', '.join(flags)}): bfloat16"
-    return "float32", (f"this CPU has no native bfloat16 ({cpu_description()}; no AMX / AVX-512 BF16), where "
-                       f"bfloat16 is emulated and several times slower: float32")
+        return "bfloat16", f"this CPU computes bfloat16 natively: {', '.join(flags)}"
+    return "float32", (f"this CPU has no native bfloat16 ({cpu_description()}; no AMX or AVX-512 BF16): bfloat16 "
+                       f"would be emulated, several times slower")

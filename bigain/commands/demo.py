@@ -4,7 +4,8 @@ bundled toy model, with no GPU and no downloads, and write a report.
 Compared: none; tome, bigain_tm and sito at ratios 0.5 and 0.7; todo and bigain_td at factor 2.
 Results go to --out (default runs/demo): report.md (settings, what the numbers show, tables,
 plots, sample contact sheets), report/ (summary.csv, summary.md, summary.html, plots), and one run
-folder per (task, method). A second run reuses the finished cells. --quick runs a smaller version
+folder per (task, method). A second run reuses the finished cells; Ctrl-C stops the demo (exit
+status 130) and the same command continues it. --quick runs a smaller version
 (fewer images, a shorter protocol) in about two minutes.
 """
 

@@ -5,8 +5,9 @@ Configured LightningCLI-style: `bigain generate --config run.yaml`, every option
 flag (`--model.compressor tome --model.steps 50 --data toy --trainer.devices 2`); `--print_config`
 shows the full configuration. Results go to --run_dir: images/{index:06d}.png, records.parquet,
 contact_sheet.png, summary.csv / summary.md, run.json (with every metric's details and the
-extractor that produced it). An interrupted run resumes where it stopped when started again with
-the same configuration. The metric options (metrics, feature_extractor, clip_model,
+extractor that produced it). Ctrl-C (SIGINT) or SIGTERM stops a run within seconds (exit status
+130 / 143, finished images kept); it resumes where it stopped when started again with the same
+configuration. The metric options (metrics, feature_extractor, clip_model,
 fidelity_classifier) are not part of the run's identity: running a finished run again with other
 metric options rescores its saved images without generating them again.
 """

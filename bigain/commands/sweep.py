@@ -1,6 +1,8 @@
 """Run a grid of compressors x hyperparameters x tasks x datasets, one run folder per cell, then
 write the report of the whole sweep. Finished cells are skipped; a failing cell is recorded with
-its error (sweep.json, and the cell's log.txt) and the others go on. See bigain.sweep for the file
+its error (sweep.json, and the cell's log.txt) and the others go on. Ctrl-C (SIGINT) or SIGTERM
+stops the sweep, exit status 130 / 143: the running cell keeps what it finished and is recorded as
+interrupted, no later cell starts, and the same command resumes. See bigain.sweep for the file
 format; configs/sweep-toy.yaml is an example.
 """
 
