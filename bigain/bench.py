@@ -29,13 +29,15 @@ from bigain.errors import BigainError, ConfigError, UnknownNameError
 from bigain.patching import apply
 from bigain.registry import create_compressor
 
-__all__ = ["BENCH_MODELS", "DEFAULT_METHODS", "MethodSpec", "parse_method", "build_bench_model",
+__all__ = ["BENCH_MODELS", "DEFAULT_METHODS", "COMPILE_MODES", "MethodSpec", "parse_method", "build_bench_model",
            "count_flops", "denoiser_gflops", "run_bench", "classifier_overhead", "format_table"]
 
 BENCH_MODELS = ("sd2-unet", "sdxl-unet", "dit-xl-2", "toy")
 DEFAULT_METHODS = ("none", "tome:ratio=0.5", "tome:ratio=0.7", "bigain_tm:ratio=0.5", "bigain_tm:ratio=0.7",
                    "sito:ratio=0.5", "sito:ratio=0.7", "todo:factor=2", "bigain_td:factor=2")
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+#: ``--compile`` modes: ``none`` is eager; the others are ``torch.compile`` modes (``default`` = mode None).
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 
 
 @dataclass(frozen=True)
@@ -236,6 +238,23 @@ class _Applied:
             self.handle.remove()
 
 
+def _clone_sharing_weights(model: nn.Module) -> nn.Module:
+    """A structural copy of ``model`` whose parameters and buffers are the original tensors, so each
+    method can stay applied (and compiled) on its own copy at the memory cost of one model."""
+    import copy
+
+    memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+def _compiled(model: nn.Module, mode: str, backend: str) -> nn.Module:
+    if mode not in COMPILE_MODES:
+        raise ConfigError(f"compile mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
+    if mode == "none":
+        return model
+    return torch.compile(model, mode=None if mode == "default" else mode, backend=backend)
+
+
 def run_bench(
     *,
     model: str = "sd2-unet",
@@ -251,13 +270,25 @@ def run_bench(
     blocks: Any = "paper",
     compare_tomesd: bool = False,
     flops: bool = True,
+    compile_modes: Sequence[str] = ("none",),
+    compile_backend: str = "inductor",
     progress: Any = None,
 ):
-    """Benchmark ``methods`` on one denoiser; returns ``(DataFrame, info)``."""
+    """Benchmark ``methods`` on one denoiser; returns ``(DataFrame, info)``.
+
+    With several ``compile_modes`` every method is timed eager (``"none"``) and compiled, side by
+    side in the same interleaved rounds. Each method stays applied on its own copy of the model
+    (sharing the weights), so a compiled graph is traced once; the first compiled call (tracing,
+    code generation and one forward) is reported as ``compile_s`` and is never part of the timing.
+    """
     import pandas as pd
 
     if repeats < 1 or warmup < 0:
         raise ConfigError("repeats must be >= 1 and warmup >= 0")
+    modes = list(dict.fromkeys(compile_modes)) or ["none"]
+    for mode in modes:
+        if mode not in COMPILE_MODES:
+            raise ConfigError(f"compile mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
     if model == "toy" and model_path is None:
         resolution = 32  # the toy DiT is pixel-space at 32x32
     specs = [parse_method(m) for m in methods]
@@ -271,9 +302,9 @@ def run_bench(
         else:
             ratios = sorted({s.options.get("ratio", 0.5) for s in specs if s.name == "tome"}) or [0.5]
             specs += [MethodSpec(f"tomesd:ratio={r}", "tomesd", {"ratio": r}) for r in ratios]
-    times: dict[str, list[float]] = {s.label: [] for s in specs}
+    times: dict[tuple[str, str], list[float]] = {(s.label, m): [] for s in specs for m in modes}
     rows: dict[str, dict[str, Any]] = {}
-    for spec in specs:  # warm-up, FLOPs, memory and token counts, one method at a time
+    for spec in specs:  # warm-up, FLOPs, memory and token counts, one method at a time (eager)
         with _Applied(net, spec, max_downsample=max_downsample, blocks=blocks) as applied:
             for _ in range(warmup):
                 _forward_seconds(net, inputs, device)
@@ -289,24 +320,62 @@ def run_bench(
                 row["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
             else:
                 row["peak_memory_mb"] = None
+                if not flops:
+                    _forward_seconds(net, inputs, device)  # one forward measures the tokens kept
             row["tokens_kept"] = json.dumps(applied.handle.tokens_kept()) if applied.handle is not None else ""
             rows[spec.label] = row
-    for r in range(repeats):  # interleaved timing rounds
-        for spec in specs:
-            with _Applied(net, spec, max_downsample=max_downsample, blocks=blocks):
-                times[spec.label].append(_forward_seconds(net, inputs, device))
-        if progress is not None:
-            progress(r + 1, repeats)
-    base = statistics.median(times[specs[0].label])
+    compile_s: dict[tuple[str, str], float] = {}
+    traced_kept: dict[str, str] = {}
+    if modes == ["none"]:
+        for r in range(repeats):  # interleaved timing rounds, applying each method in turn
+            for spec in specs:
+                with _Applied(net, spec, max_downsample=max_downsample, blocks=blocks):
+                    times[(spec.label, "none")].append(_forward_seconds(net, inputs, device))
+            if progress is not None:
+                progress(r + 1, repeats)
+    else:
+        runners: dict[tuple[str, str], nn.Module] = {}
+        applied_copies: list[_Applied] = []
+        for spec in specs:  # each method stays applied on its own weight-sharing copy
+            copy_ = _clone_sharing_weights(net)
+            applied_copies.append(_Applied(copy_, spec, max_downsample=max_downsample, blocks=blocks).__enter__())
+            for mode in modes:
+                runner = _compiled(copy_, mode, compile_backend)
+                if mode != "none":
+                    compile_s[(spec.label, mode)] = _forward_seconds(runner, inputs, device)  # traces and compiles
+                for _ in range(max(warmup, 2 if mode == "reduce-overhead" else 0)):  # CUDA graph recording
+                    _forward_seconds(runner, inputs, device)
+                runners[(spec.label, mode)] = runner
+        try:
+            for r in range(repeats):  # interleaved timing rounds: every method, every mode
+                for spec in specs:
+                    for mode in modes:
+                        times[(spec.label, mode)].append(_forward_seconds(runners[(spec.label, mode)], inputs, device))
+                if progress is not None:
+                    progress(r + 1, repeats)
+            for spec, applied in zip(specs, applied_copies):  # counts traced into the compiled graphs
+                if applied.handle is not None:
+                    traced_kept[spec.label] = json.dumps(applied.handle.tokens_kept())
+        finally:
+            for applied in applied_copies:
+                applied.__exit__(None, None, None)
     out = []
-    for spec in specs:
-        ts = sorted(times[spec.label])
-        med = statistics.median(ts)
-        q1, q3 = (ts[len(ts) // 4], ts[(3 * len(ts)) // 4]) if len(ts) >= 4 else (ts[0], ts[-1])
-        out.append({**rows[spec.label], "median_ms": med * 1e3, "iqr_ms": (q3 - q1) * 1e3,
-                    "min_ms": ts[0] * 1e3, "speedup": base / med})
+    for mode in modes:
+        base = statistics.median(times[(specs[0].label, mode)])
+        for spec in specs:
+            ts = sorted(times[(spec.label, mode)])
+            med = statistics.median(ts)
+            q1, q3 = (ts[len(ts) // 4], ts[(3 * len(ts)) // 4]) if len(ts) >= 4 else (ts[0], ts[-1])
+            row = dict(rows[spec.label])
+            if mode != "none" and spec.label in traced_kept:
+                row["tokens_kept"] = traced_kept[spec.label]
+            out.append({**row, "compile": mode, "median_ms": med * 1e3, "iqr_ms": (q3 - q1) * 1e3,
+                        "min_ms": ts[0] * 1e3, "speedup": base / med,
+                        "vs_eager": statistics.median(times[(spec.label, "none")]) / med if "none" in modes else None,
+                        "compile_s": compile_s.get((spec.label, mode))})
     info.update({"resolution": resolution, "batch_size": batch_size, "dtype": dtype, "device": device,
                  "repeats": repeats, "warmup": warmup, "max_downsample": max_downsample,
+                 "compile_modes": modes, "compile_backend": compile_backend if modes != ["none"] else None,
                  "device_name": torch.cuda.get_device_name(0) if device.startswith("cuda") else _cpu_name(),
                  "torch": torch.__version__, "threads": torch.get_num_threads()})
     return pd.DataFrame(out), info
@@ -324,20 +393,38 @@ def _cpu_name() -> str:
     return platform.processor() or "cpu"
 
 
+def _present(value: Any) -> bool:
+    return value is not None and value == value  # NaN marks a missing value in a DataFrame
+
+
 def format_table(df, info: dict[str, Any]) -> str:
     """A markdown table of a :func:`run_bench` result, with the setting above it."""
     head = (f"{info['model']} ({info['source']}), {info['resolution']}x{info['resolution']}, batch "
             f"{info['batch_size']}, {info['dtype']}, {info['device']} ({info['device_name']}), "
             f"{info['repeats']} interleaved repeats after {info['warmup']} warm-up")
-    lines = [head, "", "| method | median ms | IQR ms | speedup | GFLOPs | peak MB | tokens kept (q / kv) |",
-             "|---|---:|---:|---:|---:|---:|---|"]
+    compiled = info.get("compile_modes", ["none"]) != ["none"]
+    if compiled:
+        head += f"; compiled with torch.compile (backend {info.get('compile_backend')})"
+        lines = [head, "", "speedup: against `none` in the same compile mode; vs eager: against the same method run "
+                 "eagerly; compile s: the first compiled call (not timed).", "",
+                 "| method | compile | median ms | IQR ms | speedup | vs eager | compile s | GFLOPs | peak MB | "
+                 "tokens kept (q / kv) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    else:
+        lines = [head, "", "| method | median ms | IQR ms | speedup | GFLOPs | peak MB | tokens kept (q / kv) |",
+                 "|---|---:|---:|---:|---:|---:|---|"]
     for r in df.to_dict("records"):
         kept = json.loads(r["tokens_kept"]) if r["tokens_kept"] else {}
         kept_s = "; ".join(f"L{lvl}: {v['queries']:.2f} / {v['keys_values']:.2f}" for lvl, v in kept.items()) or "-"
         gf = f"{r['gflops']:.4g}" if r["gflops"] is not None else "-"
         mem = f"{r['peak_memory_mb']:.0f}" if r["peak_memory_mb"] is not None else "-"
-        lines.append(f"| {r['method']} | {r['median_ms']:.1f} | {r['iqr_ms']:.1f} | {r['speedup']:.3f} | {gf} | "
-                     f"{mem} | {kept_s} |")
+        if compiled:
+            vs = f"{r['vs_eager']:.3f}" if _present(r.get("vs_eager")) else "-"
+            cs = f"{r['compile_s']:.1f}" if _present(r.get("compile_s")) else "-"
+            lines.append(f"| {r['method']} | {r['compile']} | {r['median_ms']:.1f} | {r['iqr_ms']:.1f} | "
+                         f"{r['speedup']:.3f} | {vs} | {cs} | {gf} | {mem} | {kept_s} |")
+        else:
+            lines.append(f"| {r['method']} | {r['median_ms']:.1f} | {r['iqr_ms']:.1f} | {r['speedup']:.3f} | {gf} | "
+                         f"{mem} | {kept_s} |")
     return "\n".join(lines)
 
 

@@ -53,6 +53,37 @@ def test_run_bench_reports_every_method_against_none():
     assert "random weights" in info["source"] and "| todo:factor=2 |" in format_table(df, info)
 
 
+def test_run_bench_times_eager_and_compiled_side_by_side():
+    """Each method stays applied on its own weight-sharing copy: one trace per method and mode,
+    compile time reported apart."""
+    torch._dynamo.reset()
+    df, info = run_bench(model="toy", methods=["tome:ratio=0.5", "todo:factor=2"], repeats=2, warmup=0, flops=False,
+                         compile_modes=["none", "default"], compile_backend="eager")
+    assert list(zip(df["method"], df["compile"])) == [
+        ("none", "none"), ("tome:ratio=0.5", "none"), ("todo:factor=2", "none"),
+        ("none", "default"), ("tome:ratio=0.5", "default"), ("todo:factor=2", "default")]
+    compiled = df[df["compile"] == "default"]
+    assert (compiled["compile_s"] > 0).all() and df[df["compile"] == "none"]["compile_s"].isna().all()
+    assert (compiled["vs_eager"] > 0).all() and info["compile_backend"] == "eager"
+    assert json.loads(compiled.iloc[1]["tokens_kept"]) == {"1": {"queries": 0.5, "keys_values": 0.5}}
+    table = format_table(df, info)
+    assert "| tome:ratio=0.5 | default |" in table and "vs eager" in table
+    with pytest.raises(ConfigError, match="compile mode"):
+        run_bench(model="toy", methods=["none"], repeats=1, warmup=0, flops=False, compile_modes=["fast"])
+    torch._dynamo.reset()
+
+
+def test_weight_sharing_clone_keeps_one_copy_of_the_weights():
+    from bigain.bench import _clone_sharing_weights
+
+    unet = tiny_unet()
+    clone = _clone_sharing_weights(unet)
+    assert all(a is b for a, b in zip(unet.parameters(), clone.parameters()))
+    with bigain.apply(clone, "tome", ratio=0.5):
+        assert not any(type(m.processor).__name__ == "CompressingProcessor"
+                       for m in unet.modules() if hasattr(m, "processor"))
+
+
 def test_method_specs_are_validated():
     assert parse_method("bigain_td:factor=2,alpha=0.5").options == {"factor": 2, "alpha": 0.5}
     with pytest.raises(ConfigError, match="key=value"):

@@ -6,6 +6,9 @@ bundled diffusers configs with RANDOM weights (speed and FLOPs do not depend on 
 give a real checkpoint with --model-path. Methods are `name[:key=value,...]`, e.g. `tome:ratio=0.7`
 or `bigain_td:factor=2,alpha=0.5`; they run interleaved so their ratios are measured side by side.
 
+`--compile none default` times every method eager and compiled (torch.compile) in the same
+interleaved rounds; the first compiled call is reported as the compile time, never timed.
+
 `--task classifier` instead reports the diffusion classifier's wall time against (denoiser calls x
 the time of one forward at the same batch size): the classifier's own overhead.
 """
@@ -18,7 +21,7 @@ import json
 import sys
 from pathlib import Path
 
-from bigain.bench import BENCH_MODELS, DEFAULT_METHODS, classifier_overhead, format_table, run_bench
+from bigain.bench import BENCH_MODELS, COMPILE_MODES, DEFAULT_METHODS, classifier_overhead, format_table, run_bench
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,6 +42,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--blocks", default="paper", help="DiT blocks: paper, all, or e.g. 1,2,3")
     parser.add_argument("--compare-tomesd", action="store_true", help="also time the tomesd package's patch")
     parser.add_argument("--no-flops", action="store_true", help="skip the FLOP count")
+    parser.add_argument("--compile", nargs="+", default=["none"], choices=list(COMPILE_MODES), metavar="MODE",
+                        help="time each method eager (none) and/or compiled with torch.compile in these modes, "
+                             "side by side: none, default, reduce-overhead (CUDA graphs), max-autotune "
+                             "(default: none)")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default inductor)")
     parser.add_argument("--out", default=None, help="folder for bench.csv / bench.md (default runs/bench/<time>)")
     parser.add_argument("--images", type=int, default=10, help="classifier task: images to classify")
     parser.add_argument("--compressor", default="none", help="classifier task: compressor")
@@ -74,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
                          resolution=args.resolution, batch_size=args.batch_size or 1, dtype=args.dtype,
                          device=args.device, repeats=args.repeats, warmup=args.warmup,
                          max_downsample=args.max_downsample, blocks=blocks, compare_tomesd=args.compare_tomesd,
-                         flops=not args.no_flops, progress=progress)
+                         flops=not args.no_flops, compile_modes=args.compile,
+                         compile_backend=args.compile_backend, progress=progress)
     print(file=sys.stderr)
     table = format_table(df, info)
     command = "bigain bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "bigain bench"
