@@ -16,14 +16,22 @@ Rules:
   (pass ``override=True`` to :func:`register_compressor` to settle it in-process).
 * ``BIGAIN_DISABLE_PLUGIN_AUTOLOAD=1`` turns discovery of third-party plugins off; only bigain's own
   entry points and names registered in-process are then used.
+* Local plugins: wherever a name is accepted, an import path ``package.module:ClassName`` names a
+  class in any importable module (on ``PYTHONPATH``) without packaging it; :func:`load_object`
+  resolves it, and :func:`source_info` gives the module file and its sha256 for the run records.
 """
 
 from __future__ import annotations
 
 import difflib
+import hashlib
+import importlib
 import os
+import re
+import sys
 from dataclasses import dataclass
 from importlib import metadata
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from bigain.errors import PluginConflictError, PluginLoadError, UnknownNameError
@@ -38,6 +46,9 @@ __all__ = [
     "create_compressor",
     "register_compressor",
     "plugin_report",
+    "is_import_path",
+    "load_object",
+    "source_info",
 ]
 
 DISABLE_AUTOLOAD_ENV = "BIGAIN_DISABLE_PLUGIN_AUTOLOAD"
@@ -75,6 +86,91 @@ def _autoload_disabled() -> bool:
     return os.environ.get(DISABLE_AUTOLOAD_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
 
+_IMPORT_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+#: group -> its registry, so that :func:`load_object` resolves registered names of any group.
+_REGISTRIES: dict[str, PluginRegistry] = {}
+
+
+def is_import_path(spec: object) -> bool:
+    """Whether ``spec`` is an import path ``package.module:Name`` (rather than a registered name)."""
+    return isinstance(spec, str) and ":" in spec
+
+
+def _import(spec: str, group: str) -> Any:
+    if not _IMPORT_PATH.match(spec):
+        raise PluginLoadError(
+            f"{spec!r} is not a valid import path for {group}; write it as package.module:ClassName "
+            f"(dotted module path, one colon, then the attribute)"
+        )
+    module_name, _, attribute = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
+            raise PluginLoadError(
+                f"cannot import module {module_name!r} of {spec!r} ({group}): no module named {exc.name!r}. Put "
+                f"the folder that holds it on PYTHONPATH (or install it), or check the spelling"
+            ) from exc
+        raise PluginLoadError(f"module {module_name!r} of {spec!r} ({group}) failed to import: "
+                              f"ModuleNotFoundError: {exc}; install what it needs") from exc
+    except Exception as exc:  # any import-time failure of the user's code
+        raise PluginLoadError(f"module {module_name!r} of {spec!r} ({group}) failed to import: "
+                              f"{type(exc).__name__}: {exc}") from exc
+    obj: Any = module
+    for depth, part in enumerate(attribute.split(".")):
+        if not hasattr(obj, part):
+            where = module_name + "".join(f".{p}" for p in attribute.split(".")[:depth])
+            names = sorted(n for n in dir(obj) if not n.startswith("_") and isinstance(getattr(obj, n), type))
+            close = difflib.get_close_matches(part, names, n=3, cutoff=0.5)
+            hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+            raise PluginLoadError(
+                f"{where} has no attribute {part!r} ({spec!r}, {group}).{hint} Its classes: "
+                f"{', '.join(names) or '(none)'}"
+            )
+        obj = getattr(obj, part)
+    return obj
+
+
+def load_object(spec: str, *, group: str) -> Any:
+    """The object a spec names in an entry-point group: an import path ``package.module:Name``
+    (imported, no packaging needed), or a name registered in ``group``.
+
+    Args:
+        spec: ``"package.module:ClassName"`` (nested attributes as ``module:Outer.Inner``) or a
+            registered name.
+        group: the entry-point group the object belongs to (``"bigain.compressors"``,
+            ``"bigain.datamodules"``, ...), used to resolve names and in messages.
+
+    Raises:
+        PluginLoadError: the module cannot be imported or has no such attribute.
+        UnknownNameError: a name that nothing registers in ``group``.
+
+    Example:
+        >>> from bigain.registry import load_object
+        >>> load_object("bigain.plugins.tome:ToMe", group="bigain.compressors").__name__
+        'ToMe'
+    """
+    if is_import_path(spec):
+        return _import(spec, group)
+    registry = _REGISTRIES.get(group)
+    if registry is None:
+        raise UnknownNameError(f"{spec!r} is not an import path (package.module:ClassName) and no registry "
+                               f"serves the group {group!r}; give the import path")
+    return registry.get(spec)
+
+
+def source_info(obj: Any) -> dict[str, Any]:
+    """Where a class or function comes from, for run records: its import path, its module's file
+    and that file's sha256 (``None`` for modules without a file)."""
+    module = sys.modules.get(getattr(obj, "__module__", ""), None)
+    path = getattr(module, "__file__", None)
+    digest = None
+    if path and Path(path).is_file():
+        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return {"import_path": f"{obj.__module__}:{obj.__qualname__}", "file": str(path) if path else None,
+            "sha256": digest}
+
+
 class PluginRegistry(Generic[T]):
     """A lazy registry of plugin classes of one kind, fed by one entry-point group.
 
@@ -93,6 +189,7 @@ class PluginRegistry(Generic[T]):
         self._discovered: dict[str, list[_Candidate]] | None = None
         self._registered: dict[str, _Candidate] = {}
         self._loaded: dict[str, type] = {}
+        _REGISTRIES.setdefault(group, self)
 
     # -- discovery -------------------------------------------------------------------------
     def _entry_points(self) -> list[metadata.EntryPoint]:
@@ -183,9 +280,15 @@ class PluginRegistry(Generic[T]):
         return cands[0]
 
     def get(self, name: str) -> type:
-        """The plugin class registered as ``name`` (imported on first use)."""
+        """The plugin class registered as ``name``, or named by an import path
+        ``package.module:ClassName`` (imported on first use)."""
         if name in self._loaded:
             return self._loaded[name]
+        if is_import_path(name):
+            obj = _import(name, self.group)
+            self._check_class(name, obj, distribution="its import path")
+            self._loaded[name] = obj
+            return obj
         cand = self._candidate(name)
         obj = cand.obj
         if obj is None:
@@ -199,6 +302,31 @@ class PluginRegistry(Generic[T]):
         self._check_class(name, obj, distribution=cand.distribution)
         self._loaded[name] = obj
         return obj
+
+    def describe(self, name: str) -> dict[str, Any]:
+        """What run records say about the plugin ``name``: its target, distribution, version and
+        status; for an import path also its module file and the file's sha256."""
+        if is_import_path(name):
+            info = source_info(self.get(name))
+            return {"name": name, "target": name, "distribution": None, "version": None, "status": "ok",
+                    "file": info["file"], "sha256": info["sha256"]}
+        cand = self._candidate(name)
+        try:
+            self.get(name)
+            status = "ok"
+        except Exception as exc:
+            status = f"failed: {exc}"
+        return PluginInfo(name, cand.target, cand.distribution, cand.version, status).__dict__
+
+    def describe_class(self, cls: type) -> dict[str, Any]:
+        """:meth:`describe` of a loaded class: by its registered name when an entry point or an
+        in-process registration provides it, else by its import path (with the file's sha256)."""
+        target = f"{cls.__module__}:{cls.__qualname__}"
+        for name in self.names():
+            cands = [self._registered[name]] if name in self._registered else self._discover()[name]
+            if any(c.target == target or c.obj is cls for c in cands) and len(cands) == 1:
+                return self.describe(name)
+        return self.describe(target)
 
     def report(self) -> list[PluginInfo]:
         """Every discovered or registered plugin, loaded to tell whether it works."""
@@ -235,7 +363,8 @@ def get_compressor(name: str) -> type:
 
 
 def create_compressor(compressor, /, **kwargs):
-    """A compressor instance from a name, a class, or an instance (returned as is, no kwargs).
+    """A compressor instance from a name, an import path ``package.module:ClassName``, a class, or
+    an instance (returned as is, no kwargs).
 
     Example:
         >>> import bigain

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from bigain.datamodules.base import BigainDataModule
-from bigain.registry import PluginRegistry
+from bigain.registry import PluginRegistry, is_import_path
 
 __all__ = ["DATAMODULES", "datamodule_class_path"]
 
@@ -11,8 +11,14 @@ DATAMODULES: PluginRegistry = PluginRegistry("bigain.datamodules", kind="datamod
 
 
 def datamodule_class_path(name: str) -> str:
-    """``"toy"`` -> ``"bigain.datamodules.toy.ToyDataModule"``; class paths are returned unchanged."""
-    if "." in name or name not in DATAMODULES.names():
+    """The class path a config's ``data: {class_path: ...}`` needs, from a registered name
+    (``"toy"`` -> ``"bigain.datamodules.toy.ToyDataModule"``) or an import path
+    (``"my_data:MyDataModule"``, imported and checked to be a :class:`BigainDataModule`); dotted
+    class paths and unknown names are returned unchanged."""
+    if is_import_path(name):
+        cls = DATAMODULES.get(name)
+    elif "." in name or name not in DATAMODULES.names():
         return name
-    cls = DATAMODULES.get(name)
+    else:
+        cls = DATAMODULES.get(name)
     return f"{cls.__module__}.{cls.__qualname__}"

@@ -91,9 +91,13 @@ def model_meta(run: RunFolder, model: Any, dm: BigainDataModule) -> dict[str, An
                    # a run with nothing left to do keeps the earlier measurement
                    "tokens_kept": model.handle.tokens_kept() or previous.get("tokens_kept", {})}
     compression["gflops_per_forward"] = denoiser_gflops(model.backbone, int(dm.image_size))
-    info = [r for r in COMPRESSORS.report() if r.name == model.hparams.compressor]
+    from bigain.datamodules.registry import DATAMODULES
+
+    # the compressor's and the datamodule's origin: distribution and version, or for a local plugin
+    # named by import path (package.module:ClassName) its module file and the file's sha256
     return {"model": model.backbone.describe(), "compression": compression,
-            "plugin": info[0].__dict__ if info else None}
+            "plugin": COMPRESSORS.describe(model.hparams.compressor),
+            "datamodule_plugin": DATAMODULES.describe_class(type(dm))}
 
 
 class _EvalCLI(LightningCLI):
