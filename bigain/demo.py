@@ -15,6 +15,7 @@ from typing import Any
 
 import pandas as pd
 
+from bigain.metric import get_metric
 from bigain.toy import TOY_COMPRESSED_BLOCKS
 
 __all__ = ["DEMO_COMPRESSORS", "demo_sweep", "findings", "write_demo_report"]
@@ -125,9 +126,12 @@ def findings(summary: pd.DataFrame, records: pd.DataFrame | None = None) -> list
                                  (("todo", {}), ("bigain_td", {}))):
         f1, f2 = _num(_pick(summary, "generate", m1, **hp1), "fid"), _num(_pick(summary, "generate", m2, **hp2), "fid")
         if f1 is not None and f2 is not None:
-            better = "lower (better)" if f2 < f1 else "higher (worse)" if f2 > f1 else "equal"
-            out.append(f"Generation, toy-feature FID: {m1} {f1:.2f}, {m2} {f2:.2f} - {m2}'s FID is {better}. "
-                       f"FIDs on a few dozen images are noisy; treat small differences as ties.")
+            fid = get_metric("fid")  # its label and direction
+            up = "better" if fid.higher_is_better else "worse"
+            down = "worse" if fid.higher_is_better else "better"
+            better = f"lower ({down})" if f2 < f1 else f"higher ({up})" if f2 > f1 else "equal"
+            out.append(f"Generation, toy-feature {fid.label}: {m1} {f1:.2f}, {m2} {f2:.2f} - {m2}'s {fid.label} is "
+                       f"{better}. FIDs on a few dozen images are noisy; treat small differences as ties.")
     speeds = summary[(summary["task"] == "classify") & summary["speedup"].notna()] if "speedup" in summary else None
     if speeds is not None and len(speeds):
         fastest = speeds.sort_values("speedup").iloc[-1]

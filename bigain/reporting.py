@@ -7,6 +7,7 @@ DataFrames, so it can be used from notebooks as well as by ``bigain report``.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import pandas as pd
@@ -139,6 +140,7 @@ def load_runs(paths) -> tuple[pd.DataFrame, pd.DataFrame]:
             "data_config": json.dumps(data, sort_keys=True, default=str),
             "method": model.get("compressor"), "hyperparameters": json.dumps(hp, sort_keys=True),
             "seed": model.get("seed"),
+            "result_config": json.dumps(rc, sort_keys=True, default=str),  # what pairing compares
             "protocol": json.dumps({k: model.get(k) for k in ("n_samples", "to_keep", "n_trials", "loss", "steps",
                                                               "sampler", "guidance_scale", "max_downsample",
                                                               "blocks")}, sort_keys=True),
@@ -164,8 +166,53 @@ def load_runs(paths) -> tuple[pd.DataFrame, pd.DataFrame]:
     return runs, records
 
 
-def _pair_key(row) -> tuple:
-    return (row["task"], row["backbone"], row["backbone_options"], row["data_config"], row["protocol"])
+#: Result-config keys two runs may differ in and still be paired: the compressor and its options.
+PAIRING_IGNORES = ("model.compressor", "model.compressor_options")
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: value}
+
+
+def _settings(row: Any) -> dict[str, Any]:
+    """A run's result fingerprint (``run.json``'s result_config), flattened, without the compressor."""
+    import json
+
+    raw = row.get("result_config") if hasattr(row, "get") else None
+    config = json.loads(raw) if isinstance(raw, str) and raw else {}
+    flat = _flat(config)
+    return {k: v for k, v in flat.items() if not any(k == p or k.startswith(p + ".") for p in PAIRING_IGNORES)}
+
+
+def pairing_differences(a: Any, b: Any) -> dict[str, tuple[Any, Any]]:
+    """``{key: (value in a, value in b)}`` for every result-config key two runs differ in, apart from
+    the compressor and its options (:data:`PAIRING_IGNORES`); empty when they may be paired."""
+    sa, sb = _settings(a), _settings(b)
+    return {k: (sa.get(k), sb.get(k)) for k in sorted(set(sa) | set(sb)) if sa.get(k) != sb.get(k)}
+
+
+def _why_not_paired(diff: dict[str, tuple[Any, Any]], baseline: str) -> str:
+    shown = "; ".join(f"{k} (this run: {b!r}, baseline: {a!r})" for k, (a, b) in list(diff.items())[:4])
+    more = f"; and {len(diff) - 4} more key(s)" if len(diff) > 4 else ""
+    return f"not paired: the closest {baseline!r} run differs in {shown}{more}"
+
+
+def _metric_values(row: Any, records: pd.DataFrame) -> dict[str, float]:
+    """The values of the task's metrics that are computed from a run's records."""
+    from bigain.metric import metrics_for
+
+    mine = records[records["run"] == row["run"]] if "run" in records else records.iloc[0:0]
+    out = {}
+    for metric in metrics_for(str(row.get("task"))):
+        value = metric.from_records(mine) if len(mine) else None
+        if value is not None:
+            out[metric.name] = value
+    return out
 
 
 def paired_comparison(base: pd.DataFrame, other: pd.DataFrame) -> dict[str, Any]:
@@ -182,9 +229,13 @@ def paired_comparison(base: pd.DataFrame, other: pd.DataFrame) -> dict[str, Any]
 def summarize_runs(runs: pd.DataFrame, records: pd.DataFrame, *, baseline: str = "none") -> pd.DataFrame:
     """One row per run with its paired comparison against the baseline run of the same setting.
 
-    The baseline of a run is the ``baseline``-method run with the same task, backbone, data and
-    protocol. Pairing also needs the same seed and the same images; when either differs the row
-    says why in ``pairing`` and carries no paired numbers - runs are never paired silently.
+    The baseline of a run is a ``baseline``-method run whose result fingerprint (``run.json``'s
+    ``result_config``: task, backbone, data, protocol, seed, precision, ...) agrees with the run's on
+    every key but the compressor and its options. When none does, the row's ``pairing`` names the
+    keys the closest baseline differs in and the row carries no paired numbers - runs are never
+    paired silently; when the image sets differ, the comparison uses the images both scored. Every
+    metric that computes its value from records (:meth:`bigain.metric.Metric.from_records`) is
+    filled in from the run's records.
     """
     if runs.empty:
         return runs
@@ -192,34 +243,34 @@ def summarize_runs(runs: pd.DataFrame, records: pd.DataFrame, *, baseline: str =
     for _, row in runs.iterrows():
         res = row.to_dict()
         res["pairing"] = ""
-        bases = runs[(runs["method"] == baseline) & (runs.apply(_pair_key, axis=1) == _pair_key(row))]
+        res.update(_metric_values(row, records))
+        candidates = runs[(runs["method"] == baseline) & (runs["task"] == row["task"])]
+        diffs = [(pairing_differences(base, row), base) for _, base in candidates.iterrows()]
+        matches = [base for diff, base in diffs if not diff]
         if row["method"] == baseline:
             res["pairing"] = "baseline"
-        elif bases.empty:
-            res["pairing"] = f"no {baseline!r} run with the same backbone, data and protocol"
+        elif not diffs:
+            res["pairing"] = f"not paired: no {baseline!r} run of this task"
+        elif not matches:
+            res["pairing"] = _why_not_paired(min((d for d, _ in diffs), key=len), baseline)
         else:
-            same_seed = bases[bases["seed"] == row["seed"]]
-            if same_seed.empty:
-                res["pairing"] = (f"not paired: the {baseline!r} run used seed {bases.iloc[0]['seed']}, "
-                                  f"this run seed {row['seed']}")
-            else:
-                b = same_seed.iloc[0]
-                mine, theirs = records[records["run"] == row["run"]], records[records["run"] == b["run"]]
-                if row["task"] == "classify" and "correct" in records:
-                    if set(mine["index"]) != set(theirs["index"]):
-                        common = len(set(mine["index"]) & set(theirs["index"]))
-                        res["pairing"] = (f"paired on the {common} images both runs scored (of {len(mine)} and "
-                                          f"{len(theirs)})")
-                    else:
-                        res["pairing"] = "paired"
-                    res.update(paired_comparison(theirs, mine))
+            b = matches[0]
+            mine, theirs = records[records["run"] == row["run"]], records[records["run"] == b["run"]]
+            if row["task"] == "classify" and "correct" in records:
+                if set(mine["index"]) != set(theirs["index"]):
+                    common = len(set(mine["index"]) & set(theirs["index"]))
+                    res["pairing"] = (f"paired on the {common} images both runs scored (of {len(mine)} and "
+                                      f"{len(theirs)})")
                 else:
                     res["pairing"] = "paired"
-                for metric in ("seconds_per_image",):
-                    if metric in row and metric in b and pd.notna(row[metric]) and row[metric]:
-                        res["speedup"] = b[metric] / row[metric]
-                if pd.notna(row.get("gflops")) and pd.notna(b.get("gflops")) and row.get("gflops"):
-                    res["flops_ratio"] = row["gflops"] / b["gflops"]
+                res.update(paired_comparison(theirs, mine))
+            else:
+                res["pairing"] = "paired"
+            for metric in ("seconds_per_image",):
+                if metric in row and metric in b and pd.notna(row[metric]) and row[metric]:
+                    res["speedup"] = b[metric] / row[metric]
+            if pd.notna(row.get("gflops")) and pd.notna(b.get("gflops")) and row.get("gflops"):
+                res["flops_ratio"] = row["gflops"] / b["gflops"]
         if row["method"] == baseline:
             res["speedup"] = 1.0
         out.append(res)
@@ -256,8 +307,17 @@ def _kept(value: Any) -> str:
                      for k, v in levels.items())
 
 
+def _task_metrics(part: pd.DataFrame, task: str) -> list:
+    """The registered metrics of ``task`` that have a value in at least one run of ``part``."""
+    from bigain.metric import metrics_for
+
+    return [m for m in metrics_for(task) if m.name in part and part[m.name].notna().any()]
+
+
 def _display(part: pd.DataFrame, task: str, baseline: str) -> pd.DataFrame:
-    """The human-readable table of one task (the CSV keeps every column)."""
+    """The human-readable table of one task (the CSV keeps every column): one column per metric
+    with a value (header and cell from the metric), then the paired and cost columns."""
+    metrics = _task_metrics(part, task)
     part = part.assign(_base=part["method"] != baseline).sort_values(["backbone", "dataset", "_base", "method",
                                                                       "hyperparameters"])
     rows = []
@@ -265,18 +325,13 @@ def _display(part: pd.DataFrame, task: str, baseline: str) -> pd.DataFrame:
         row = {"backbone": r["backbone"], "dataset": r["dataset"],
                "method": f"{r['method']} ({short_hyperparameters(r['method'], r['hyperparameters'])})".replace(
                    " ()", ""), "images": r.get("images")}
+        for metric in metrics:
+            value = metric.format(r)
+            row[metric.column] = None if value is None or (isinstance(value, float) and pd.isna(value)) else value
         if task == "classify":
-            if pd.notna(r.get("accuracy")):
-                row["accuracy [95% CI]"] = f"{r['accuracy']:.3f} [{r['accuracy_low']:.3f}, {r['accuracy_high']:.3f}]"
-            if pd.notna(r.get("mAP")):
-                row["mAP"] = r["mAP"]
             row[f"vs {baseline}"] = f"{r['delta_accuracy']:+.3f}" if pd.notna(r.get("delta_accuracy")) else ""
             row["McNemar p"] = r.get("mcnemar_p")
         else:
-            for key, label in (("fid", "FID"), ("kid", "KID"), ("inception_score", "IS"), ("is", "IS"),
-                               ("clip_score", "CLIP score"), ("class_fidelity", "class fidelity")):
-                if key in r and pd.notna(r[key]) and label not in row:
-                    row[label] = r[key]
             row["features"] = r.get("feature_extractor")
         row["pairing"] = r.get("pairing")
         row["speedup"] = r.get("speedup")
@@ -327,16 +382,22 @@ def write_report(paths, out_dir, *, baseline: str = "none", title: str = "bigain
         part = summary[summary["task"] == task] if not summary.empty else summary
         if part.empty:
             continue
+        directions = "; ".join(f"{m.label}: {m.direction_label}" for m in _task_metrics(part, task))
         sections += [f"## {label}", "", _markdown(_display(part, task, baseline)), ""]
-    plots = [("classify", "speedup", "accuracy", "accuracy_vs_speedup.png", "Accuracy vs speedup", True),
-             ("generate", "speedup", "fid", "fid_vs_speedup.png", "FID vs speedup", False)]
-    for task, x, y, name, plot_title, hib in plots:
+        if directions:
+            sections += [f"Direction - {directions}.", ""]
+    for task in ("classify", "generate"):
         part = summary[summary["task"] == task] if not summary.empty else summary
-        if not part.empty and tradeoff_plot(part, x=x, y=y, path=out / name, title=plot_title,
-                                            xlabel="measured speedup (seconds per image, baseline / method)",
-                                            higher_is_better=hib):
-            files[name] = str(out / name)
-            sections += [f"![{plot_title}]({name})", ""]
+        if part.empty:
+            continue
+        for metric in (m for m in _task_metrics(part, task) if m.plot):
+            name = re.sub(r"[^\w.-]", "_", metric.name) + "_vs_speedup.png"
+            plot_title = f"{metric.label[:1].upper()}{metric.label[1:]} vs speedup"
+            if tradeoff_plot(part, x="speedup", y=metric.name, path=out / name, title=plot_title,
+                             xlabel="measured speedup (seconds per image, baseline / method)", ylabel=metric.label,
+                             higher_is_better=metric.higher_is_better):
+                files[name] = str(out / name)
+                sections += [f"![{plot_title}]({name})", ""]
     notes = sorted({p for p in summary.get("pairing", []) if p and p not in ("paired", "baseline")}) \
         if not summary.empty else []
     if notes:
