@@ -14,6 +14,7 @@ metric options rescores its saved images without generating them again.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,9 @@ def write_contact_sheet(path: Path, images: Sequence[torch.Tensor], captions: Se
         text = captions[k].encode("ascii", "replace").decode()  # the fallback bitmap font is Latin-1 only
         text = text if len(text) <= tile // 6 else text[: tile // 6 - 3] + "..."
         draw.text((x + 2, y + tile + 1), text, fill="black", font=font)
-    sheet.save(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    sheet.save(tmp, format="PNG")
+    os.replace(tmp, path)  # never half a sheet
     return path
 
 
