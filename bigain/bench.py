@@ -192,7 +192,7 @@ def denoiser_gflops(backbone: Any, image_size: int) -> float | None:
             continue
     else:
         return None
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), backbone.eager(), FlopCounterMode(display=False) as counter:
         backbone.predict_noise(x, t, cond)
     return counter.get_total_flops() / 1e9
 

@@ -5,13 +5,15 @@ A backbone holds a pretrained diffusion model and exposes what classification an
 models, prompts), ``predict_noise`` with the first ``C`` output channels only (learned-sigma
 channels dropped), the training schedule's ``alphas_cumprod``, and the ``denoiser`` module that
 compressors attach to. Inputs and outputs of ``encode`` / ``predict_noise`` are float32 whatever
-dtype the model runs in, so noising and losses stay in float32 (ALGORITHMS.md 10.19).
+dtype the model runs in, so noising and losses stay in float32 (half-precision noising and losses lose the small
+differences between classes that the classifier ranks on).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -19,9 +21,18 @@ from torch import Tensor, nn
 
 from bigain.errors import ConfigError
 
-__all__ = ["DiffusionBackbone", "DTYPES", "resolve_dtype"]
+__all__ = ["DiffusionBackbone", "DTYPES", "COMPILE_MODES", "CompileMode", "resolve_dtype"]
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+#: How a task runs its denoiser: eagerly (``none``) or through ``torch.compile`` in one of its modes.
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
+CompileMode = Literal["none", "default", "reduce-overhead", "max-autotune"]
+
+
+def check_compile_mode(mode: str) -> str:
+    if mode not in COMPILE_MODES:
+        raise ConfigError(f"compile must be one of {', '.join(COMPILE_MODES)} (none = eager), got {mode!r}")
+    return mode
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -49,6 +60,7 @@ class DiffusionBackbone(nn.Module, ABC):
         super().__init__()
         self.dtype_name = dtype
         self.model_dtype = resolve_dtype(dtype)
+        self.compile_mode = "none"
 
     @property
     def num_train_timesteps(self) -> int:
@@ -86,6 +98,27 @@ class DiffusionBackbone(nn.Module, ABC):
     def predict_noise(self, x_t: Tensor, t: Tensor, cond: Any) -> Tensor:
         """float32 epsilon prediction ``[B, C, h, w]`` for float32 ``x_t``, timesteps ``[B]``."""
 
+    def compile_denoiser(self, mode: CompileMode) -> None:
+        """Run the denoiser through ``torch.compile`` in ``mode`` from now on (``none``: eager).
+
+        Compiled in place (``nn.Module.compile``), after the compressor is attached, so the
+        compressed forward is what is traced; ``reduce-overhead`` replays it as a CUDA graph.
+        """
+        check_compile_mode(mode)
+        if mode != "none":
+            self.denoiser.compile(mode=None if mode == "default" else mode)
+        self.compile_mode = mode
+
+    @contextmanager
+    def eager(self) -> Iterator[None]:
+        """Run the denoiser eagerly inside the block, even if it is compiled (FLOP counting, probes)."""
+        compiled = self.denoiser.__dict__.get("_compiled_call_impl")
+        self.denoiser._compiled_call_impl = None
+        try:
+            yield
+        finally:
+            self.denoiser._compiled_call_impl = compiled
+
     def concat_conditions(self, conds: Sequence[Any]) -> Any:
         """Join condition batches (for guidance batches): tensors are concatenated on dim 0."""
         return torch.cat(list(conds), dim=0)
@@ -93,4 +126,4 @@ class DiffusionBackbone(nn.Module, ABC):
     def describe(self) -> dict[str, Any]:
         """What the run records about the model (``run.json``)."""
         return {"backbone": type(self).__name__, "family": self.family, "dtype": self.dtype_name,
-                "num_train_timesteps": self.num_train_timesteps}
+                "num_train_timesteps": self.num_train_timesteps, "compile": self.compile_mode}

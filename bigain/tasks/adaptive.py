@@ -130,6 +130,7 @@ def classify_image(
     predict: Callable[[Tensor, Tensor, Tensor], Tensor],
     loss: Loss = "l2",
     batch_size: int = 32,
+    fixed_batch: bool = False,
 ) -> ClassificationResult:
     """Classify one image.
 
@@ -138,6 +139,10 @@ def classify_image(
         noise: from :func:`image_noise`.
         predict: ``(x_t [b, C, h, w] float32, t [b] long, classes [b] long) -> eps float32``.
         batch_size: (class, timestep, trial) triples per ``predict`` call.
+        fixed_batch: give every ``predict`` call exactly ``batch_size`` triples, padding a shorter
+            last chunk with copies of its last triple whose outputs are dropped (a compiled
+            denoiser then serves the whole run with one graph). Results are unchanged: each
+            sample's prediction does not depend on its batch.
     """
     device = x0.device
     grid = schedule.grid
@@ -154,14 +159,15 @@ def classify_image(
         triples = [(c, t, k) for c in alive for t in timesteps for k in range(schedule.n_trials)]
         for start in range(0, len(triples), batch_size):
             chunk = triples[start:start + batch_size]
-            classes = torch.tensor([c for c, _, _ in chunk], device=device)
-            ts = torch.tensor([t for _, t, _ in chunk], device=device)
-            rows = torch.tensor([row_of[t] * schedule.n_trials + k for _, t, k in chunk], device=device)
+            padded = chunk + chunk[-1:] * (batch_size - len(chunk)) if fixed_batch else chunk
+            classes = torch.tensor([c for c, _, _ in padded], device=device)
+            ts = torch.tensor([t for _, t, _ in padded], device=device)
+            rows = torch.tensor([row_of[t] * schedule.n_trials + k for _, t, k in padded], device=device)
             eps = noise[rows]
             a = ab[ts].float().view(-1, 1, 1, 1)
             x_t = a.sqrt() * x0.unsqueeze(0) + (1.0 - a).sqrt() * eps
-            pred = predict(x_t, ts, classes)
-            for (c, _, _), e in zip(chunk, _loss(pred.float(), eps, loss).tolist()):
+            pred = predict(x_t, ts, classes)[: len(chunk)]
+            for (c, _, _), e in zip(chunk, _loss(pred.float(), eps[: len(chunk)], loss).tolist()):
                 errors[c].append(e)
             evaluations += len(chunk)
             calls += 1

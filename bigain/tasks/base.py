@@ -31,7 +31,7 @@ class DiffusionTask(L.LightningModule):
     """Base of :class:`~bigain.tasks.DiffusionClassifier` and :class:`~bigain.tasks.DiffusionGenerator`.
 
     Subclasses take ``backbone``, ``backbone_options``, ``compressor``, ``compressor_options``,
-    ``max_downsample``, ``blocks`` and ``seed`` among their keyword-only options, call
+    ``max_downsample``, ``blocks``, ``seed`` and ``compile`` among their keyword-only options, call
     ``super().__init__(backbone=..., compressor=..., compressor_options=...)`` first and
     ``self.save_hyperparameters()`` after their own checks.
     """
@@ -55,6 +55,7 @@ class DiffusionTask(L.LightningModule):
         self.backbone = backbone
         self.handle = apply(backbone, self.compressor, max_downsample=hp.max_downsample,
                             blocks=hp.blocks if backbone.family == "dit" else "paper", seed=hp.seed)
+        backbone.compile_denoiser(hp.get("compile", "none"))
 
     def prepare_predict(self, needs: str):
         """Build the model if needed and return the trainer's datamodule (``needs`` says what for)."""

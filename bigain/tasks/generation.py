@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from bigain.backbones import DiffusionBackbone
+from bigain.backbones.base import CompileMode, check_compile_mode
 from bigain.compressor import derive_seed
 from bigain.errors import ConfigError
 from bigain.metrics import METRIC_NAMES, parse_extractor
@@ -80,6 +81,9 @@ class DiffusionGenerator(DiffusionTask):
         guidance_scale: classifier-free guidance with the empty prompt / null class; ``None``: 7.5
             for SD, 4.0 for DiT and toy; 1.0 disables guidance.
         seed: seeds every image's starting noise (with its dataset index) and the compressor.
+        compile: run the compressed denoiser through ``torch.compile`` (``default``,
+            ``reduce-overhead`` for CUDA graphs, ``max-autotune``) or eagerly (``none``); recorded in
+            ``run.json``, not part of the result fingerprint. A smaller last batch compiles once more.
         metrics: which of ``fid``, ``kid``, ``is``, ``clip_score``, ``class_fidelity`` to compute.
         feature_extractor: FID/KID/IS features: ``inception``, ``inception:/path/weights.pth``,
             ``timm:<model>``, ``timm:<model>@<weights file>``, ``toy``.
@@ -100,12 +104,14 @@ class DiffusionGenerator(DiffusionTask):
         steps: int = 50,
         guidance_scale: float | None = None,
         seed: int = 0,
+        compile: CompileMode = "none",
         metrics: list[str] = ["fid", "kid", "is", "clip_score", "class_fidelity"],  # noqa: B006 - shown in --help
         feature_extractor: str = "inception",
         clip_model: str | None = None,
         fidelity_classifier: str | None = None,
     ) -> None:
         super().__init__(backbone=backbone, compressor=compressor, compressor_options=compressor_options)
+        check_compile_mode(compile)
         text = bool(self.backbone_class.text_conditioned)
         if sampler not in ("auto", "euler", "ddim"):
             raise ConfigError(f"sampler must be 'auto', 'euler' or 'ddim', got {sampler!r}")
@@ -130,7 +136,7 @@ class DiffusionGenerator(DiffusionTask):
     # -- configuration ---------------------------------------------------------------------
     def result_config(self) -> dict[str, Any]:
         """The options that change the images (the metric options do not: a run can be rescored)."""
-        hp = {k: v for k, v in dict(self.hparams).items() if k not in METRIC_OPTIONS}
+        hp = {k: v for k, v in dict(self.hparams).items() if k not in METRIC_OPTIONS and k != "compile"}
         hp.update(compressor_options=self.compressor.hyperparameters(), sampler=self.sampler_name,
                   guidance_scale=self.guidance)
         return hp
