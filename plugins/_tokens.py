@@ -178,6 +178,8 @@ class BipartiteMerge:
 
 
 _HALF = (torch.float16, torch.bfloat16)
+# decided once, at import: a try/except around the call would be re-evaluated inside compiled graphs
+_BMM_OUT_DTYPE = hasattr(torch.ops.aten.bmm, "dtype")
 
 
 def unit_vectors(metric: Tensor) -> Tensor:
@@ -203,10 +205,9 @@ def similarities(a: Tensor, b: Tensor) -> Tensor:
     """
     bt = b.transpose(1, 2)
     if a.dtype is torch.float16:
-        try:
+        if _BMM_OUT_DTYPE:
             return torch.bmm(a, bt, out_dtype=torch.float32)
-        except TypeError:  # a torch without bmm(out_dtype=)
-            return torch.bmm(a.float(), bt.float())
+        return torch.bmm(a.float(), bt.float())  # a torch without bmm(out_dtype=)
     return a @ bt
 
 

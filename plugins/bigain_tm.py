@@ -7,8 +7,9 @@ norm. Smooth destinations absorb similar smooth sources, while high-contrast tok
 match no destination well, fall outside the top-``r`` and survive unmerged.
 
 Deviation from the released code, on purpose: the cell grouping. The released code takes the
-argmin over 1 x (sx*sy) strips instead of the true cells (ALGORITHMS.md 2.3); ``legacy_grouping=True``
-reproduces it for comparison.
+argmin over 1 x (sx*sy) strips of consecutive values of each ``sy x w`` slab instead of the true
+``sy x sx`` cells (a reshape without the transpose), so the chosen destination is usually not the
+cell's smoothest token; ``legacy_grouping=True`` reproduces it for comparison.
 """
 
 from __future__ import annotations
