@@ -1,6 +1,6 @@
 """Prompt templates of the paper and the class lists bundled with bigain (``bigain/datamodules/data``).
 
-The templates are those of the released prompt files (ALGORITHMS.md 8.2): one prompt per class,
+The templates are those of the released BiGain prompt files: one prompt per class,
 ``"a photo of a {}."`` for ImageNet, ImageNet-100 and COCO, ``"a photo of a {}, a type of pet."`` for
 Oxford-IIIT Pets.
 

@@ -1,4 +1,4 @@
-"""The built-in compressors against the definitions of ALGORITHMS.md (independent references)."""
+"""The built-in compressors against their published definitions, written out independently here."""
 
 import dataclasses
 import itertools
@@ -64,7 +64,7 @@ def test_factor_one_is_identity_and_bad_factor_is_an_error():
 # -- Laplacian gating --------------------------------------------------------------------------
 
 def reference_laplacian(x, h, w, norm="l1"):
-    """Explicit 4-neighbour loop, zero outside the grid (ALGORITHMS.md 2.1)."""
+    """Explicit 4-neighbour loop, zero outside the grid (the Laplacian score's definition)."""
     b, n, c = x.shape
     g = x.double().view(b, h, w, c)
     out = torch.zeros(b, h, w, dtype=torch.float64)
@@ -233,7 +233,7 @@ def test_half_precision_gpu_similarities_are_float32_and_close(dtype):
 # -- SiTo --------------------------------------------------------------------------------------
 
 def reference_sito(x, h, w, ratio):
-    """ALGORITHMS.md section 5 with noise_alpha=0, by explicit loops on one sample."""
+    """SiTo's definition with noise_alpha=0, by explicit loops on one sample."""
     n = h * w
     m = F.normalize(x.double(), dim=-1)
     G = m @ m.T

@@ -1,4 +1,4 @@
-"""The adaptive Diffusion Classifier protocol (ALGORITHMS.md 8.3-8.4), as pure functions.
+"""The adaptive Diffusion Classifier protocol (Li et al., 2023), as pure functions.
 
 An image is classified by noising it at a grid of timesteps and asking the denoiser, once per class,
 how well it predicts the noise: the class with the lowest mean error wins. Stages prune classes
