@@ -10,10 +10,12 @@ Public API::
         print(handle.stats())                         # measured tokens in/out per layer
 """
 
+from bigain.adapters import DenoiserAdapter, find_adapter, register_adapter
 from bigain.compressor import Compressed, LayerContext, TokenCompressor, derive_seed
 from bigain.errors import (
     BigainError,
     CheckpointError,
+    CompressorError,
     ConfigError,
     DatasetError,
     PluginConflictError,
@@ -44,6 +46,9 @@ __all__ = [
     "CompressionHandle",
     "default_dit_blocks",
     "find_denoiser",
+    "find_adapter",
+    "DenoiserAdapter",
+    "register_adapter",
     "list_compressors",
     "create_compressor",
     "get_compressor",
@@ -57,6 +62,7 @@ __all__ = [
     "PluginConflictError",
     "UnsupportedModelError",
     "CheckpointError",
+    "CompressorError",
     "DatasetError",
     "RunFolderError",
 ]

@@ -37,7 +37,13 @@ def _match(module: Any, failures: list[str]) -> DenoiserAdapter | None:
         except BigainError as exc:  # a broken third-party adapter never hides the others
             failures.append(str(exc))
             continue
-        if cls.matches(module):
+        try:
+            matched = cls.matches(module)
+        except Exception as exc:
+            failures.append(f"adapter {name!r} ({cls.__module__}.{cls.__qualname__}) failed in matches(): "
+                            f"{type(exc).__name__}: {exc}")
+            continue
+        if matched:
             return cls(module)
     return None
 

@@ -1,6 +1,7 @@
-"""List every discovered compressor: name, class, distribution, version, and whether it loads.
+"""List every discovered compressor and denoiser adapter: name, class, distribution, version, and
+whether it loads.
 
-Set BIGAIN_DISABLE_PLUGIN_AUTOLOAD=1 to see only bigain's own compressors.
+Set BIGAIN_DISABLE_PLUGIN_AUTOLOAD=1 to see only bigain's own plugins.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from bigain.adapters import ADAPTERS
 from bigain.registry import plugin_report
 
 
@@ -16,13 +18,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    rows = plugin_report()
+    groups = {"compressor": plugin_report(), "adapter": ADAPTERS.report()}
+    ok = all(r.ok for rows in groups.values() for r in rows)
     if args.json:
-        print(json.dumps([r.__dict__ for r in rows], indent=2))
-        return 0 if all(r.ok for r in rows) else 1
-    header = ("name", "class", "distribution", "version", "status")
-    table = [header] + [(r.name, r.target, r.distribution, r.version, r.status) for r in rows]
-    widths = [max(len(str(row[i])) for row in table[:]) if i < 4 else 0 for i in range(5)]
+        print(json.dumps([{"kind": kind, **r.__dict__} for kind, rows in groups.items() for r in rows], indent=2))
+        return 0 if ok else 1
+    table = []
+    for kind, rows in groups.items():  # one header row per kind: compressors first, then adapters
+        table.append((kind, "class", "distribution", "version", "status"))
+        table += [(r.name, r.target, r.distribution, r.version, r.status) for r in rows]
+    widths = [max(len(str(row[i])) for row in table) for i in range(4)]
     for row in table:
         print("  ".join(str(v).ljust(widths[i]) if i < 4 else str(v) for i, v in enumerate(row)))
-    return 0 if all(r.ok for r in rows) else 1
+    return 0 if ok else 1

@@ -1,0 +1,110 @@
+"""Denoiser adapters: the built-ins are found through entry points, a third party adds a family with
+one class, and nothing else needs to know the family."""
+
+import pytest
+import torch
+from torch import nn
+
+import bigain
+from bigain.adapters import ADAPTERS, AttentionSite, DenoiserAdapter, argument, find_adapter, register_adapter
+from bigain.errors import UnsupportedModelError
+from bigain.testing import tiny_dit, tiny_unet
+
+
+def test_builtin_adapters_come_from_entry_points():
+    assert {"unet", "dit"} <= set(ADAPTERS.names())
+    assert find_adapter(tiny_unet()).family == "unet"
+
+    class Pipeline:  # anything holding a denoiser as .transformer / .unet / .denoiser
+        transformer = tiny_dit()
+
+    adapter = find_adapter(Pipeline())
+    assert adapter.family == "dit" and adapter.denoiser is Pipeline.transformer
+    assert [s.block_index for s in adapter.sites()] == [0, 1, 2, 3]
+
+
+def test_an_unsupported_model_names_the_families():
+    with pytest.raises(UnsupportedModelError, match=r"no denoiser adapter handles it") as info:
+        find_adapter(nn.Linear(2, 2))
+    for text in ("unet: UNet2DConditionModel", "dit: DiTTransformer2DModel", "'bigain.adapters'"):
+        assert text in str(info.value)
+
+
+class FlatDenoiser(nn.Module):
+    """A made-up family: transformer blocks over the pixels of a ``[B, C, H, W]`` input."""
+
+    def __init__(self, channels=16, depth=2):
+        super().__init__()
+        from diffusers.models.attention import BasicTransformerBlock
+
+        self.blocks = nn.ModuleList(BasicTransformerBlock(channels, 2, channels // 2) for _ in range(depth))
+        self.time = nn.Linear(1, channels)
+
+    def forward(self, hidden_states, timestep):
+        b, c, h, w = hidden_states.shape
+        x = hidden_states.flatten(2).transpose(1, 2) + self.time(timestep.float().view(-1, 1, 1))
+        for block in self.blocks:
+            x = block(x)
+        return x.transpose(1, 2).reshape(b, c, h, w)
+
+
+class FlatAdapter(DenoiserAdapter):
+    family = "flat"
+    handles = "FlatDenoiser (a test family)"
+
+    @classmethod
+    def matches(cls, module):
+        return isinstance(module, FlatDenoiser)
+
+    def sites(self):
+        return [AttentionSite(f"blocks.{i}.attn1", block, block.attn1, 1, i)
+                for i, block in enumerate(self.denoiser.blocks)]
+
+    def select(self, sites, *, max_downsample, blocks):
+        chosen = range(len(sites)) if blocks in ("paper", "all") else blocks
+        return [s for s in sites if s.block_index in chosen], []
+
+    def token_size(self, args, kwargs):
+        x = argument(args, kwargs, 0, ("hidden_states",))
+        return tuple(x.shape[-2:])
+
+
+@pytest.fixture
+def flat_family():
+    register_adapter("flat", FlatAdapter)
+    yield
+    ADAPTERS.unregister("flat")
+
+
+def test_a_third_party_family_is_one_adapter_class(flat_family):
+    torch.manual_seed(0)
+    model = FlatDenoiser().eval()
+    x, t = torch.randn(3, 16, 6, 10), torch.tensor([5.0, 500.0, 900.0])
+    with torch.no_grad():
+        before = model(x, t)
+        with bigain.apply(model, "tome", ratio=0.5) as handle:
+            assert handle.family == "flat" and handle.layers == ["blocks.0.attn1", "blocks.1.attn1"]
+            compressed = model(x, t)
+            stats = handle.stats()
+            compiled = torch.compile(model, fullgraph=True, backend="eager")(x, t)
+        assert torch.equal(model(x, t), before)
+    assert all(s["compressed_calls"] == 1 and s["grid"] == [6, 10] and s["queries"] == 30 for s in stats)
+    assert not torch.allclose(compressed, before)
+    assert torch.allclose(compiled, compressed, atol=1e-5)
+    assert any(r.name == "flat" and r.ok for r in ADAPTERS.report())
+    torch._dynamo.reset()
+
+
+def test_a_broken_adapter_does_not_hide_the_others(flat_family):
+    class Broken(FlatAdapter):
+        @classmethod
+        def matches(cls, module):
+            raise RuntimeError("boom")
+
+    ADAPTERS.register("aaa_broken", Broken)  # sorts first
+    try:
+        assert find_adapter(tiny_unet()).family == "unet"
+        with pytest.raises(UnsupportedModelError, match=r"'aaa_broken' .* failed in matches\(\): RuntimeError: boom"):
+            find_adapter(nn.Linear(2, 2))
+    finally:
+        ADAPTERS.unregister("aaa_broken")
