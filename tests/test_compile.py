@@ -158,6 +158,34 @@ def test_no_device_sync_in_a_compressed_forward_on_cuda():
             torch.cuda.set_sync_debug_mode("default")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graphs_replay_a_compressed_denoiser():
+    """mode="reduce-overhead" records a CUDA graph and replays it for new inputs of the same shape."""
+    for name in ("tome", "bigain_td"):
+        model, _ = build("unet", name)
+        model = model.cuda()
+        compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+        for seed in range(4):  # recording, then replays with new values
+            args, kwargs = inputs("unet", 3, seed=seed, timesteps=torch.tensor([10.0, 500.0, 999.0 - seed]))
+            args = tuple(a.cuda() for a in args)
+            got = run(compiled, args, kwargs).clone()
+            assert (got - run(model, args, kwargs)).abs().max() <= 1e-4
+        torch._dynamo.reset()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_keyed_draws_are_identical_on_cpu_and_cuda():
+    t = torch.tensor([5.0, 999.0, 420.25])
+    for device in ("cpu", "cuda"):
+        x = torch.zeros(3, 24, 4, device=device)
+        ctx = LayerContext.for_tokens(x, grid=(4, 6), timesteps=t.to(device), seed=2**40 + 11, layer_index=3)
+        draws = (ctx.sample_randint(4, (2, 3)).cpu(), ctx.sample_randn((24,)).cpu())
+        if device == "cpu":
+            on_cpu = draws
+    assert torch.equal(on_cpu[0], draws[0])
+    assert (on_cpu[1] - draws[1]).abs().max() <= 1.2e-7 * on_cpu[1].abs().max()
+
+
 # -- keyed random numbers -------------------------------------------------------------------
 
 def murmur3_32(words, seed=0x9747B28C):

@@ -235,3 +235,34 @@ def test_unsupported_model_and_double_apply(unet):
         with pytest.raises(ConfigError, match="already has a bigain compressor"):
             bigain.apply(unet, "todo")
     bigain.apply(unet, "todo").remove()  # fine once removed
+
+
+class Failing(TokenCompressor):
+    """Fails the way a buggy plugin does: an exception inside compress, or shapes off the contract."""
+
+    name = "failing"
+
+    def __init__(self, *, how: str = "raise") -> None:
+        self.how = how
+
+    def compress(self, x, ctx):
+        if self.how == "raise":
+            raise IndexError("index 99 is out of bounds")
+        if self.how == "shape":
+            return Compressed(x[:, :, :-1], x[:, :, :-1])
+        return Compressed(x[:, ::2], x[:, ::2], restore=lambda y: y)  # restore forgets the dropped tokens
+
+
+@pytest.mark.parametrize("how,what", [("raise", r"failed in compress\(\)"), ("shape", "broke the contract"),
+                                      ("restore", "broke the contract")])
+def test_a_failing_compressor_is_named_with_its_layer(dit, how, what):
+    from bigain.errors import CompressorError
+
+    with bigain.apply(dit, Failing(how=how), blocks=[1]):
+        with pytest.raises(CompressorError, match=what) as info:
+            _run(dit, *_inputs("dit", 0))
+    message = str(info.value)
+    assert "'failing'" in message and "test_patching.Failing" in message
+    assert "transformer_blocks.1.attn1" in message and "check_compressor" in message
+    if how == "raise":
+        assert "IndexError: index 99 is out of bounds" in message
