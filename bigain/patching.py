@@ -22,6 +22,7 @@ graph records the counts it was traced with instead; see :meth:`CompressionHandl
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cache
@@ -447,6 +448,14 @@ def apply(
             layers.append(_Layer(site, len(layers)))
         else:
             skipped.append((site.name, "not a self-attention layer"))
+
+    if not layers and skipped:
+        levels = sorted({site.level for site in adapter.sites()})
+        warnings.warn(
+            f"bigain.apply selected no self-attention layer of this {type(denoiser).__name__}, so nothing will "
+            f"be compressed; its layers sit at levels {levels} (first reason: {skipped[0][1]}). Select some: "
+            f"max_downsample= for a UNet (an SDXL UNet has no attention at level 1: use 2), blocks= for a "
+            f"transformer", UserWarning, stacklevel=2)
 
     state = _State(adapter, int(seed), _num_train_timesteps(model),
                    adapter.default_metric if metric == "auto" else metric)

@@ -108,3 +108,67 @@ def test_a_broken_adapter_does_not_hide_the_others(flat_family):
             find_adapter(nn.Linear(2, 2))
     finally:
         ADAPTERS.unregister("aaa_broken")
+
+
+def tiny_pixart():
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(0)
+    model = PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                                     num_layers=3, cross_attention_dim=16, sample_size=8, patch_size=2,
+                                     caption_channels=12, use_additional_conditions=False).eval()
+    for p in model.parameters():  # diffusers zero-initialises some output layers
+        if p.abs().sum() == 0:
+            nn.init.normal_(p, std=0.02)
+    x = torch.randn(3, 4, 8, 6)  # non-square latent: a 4 x 3 patch grid
+    return model, (x,), {"encoder_hidden_states": torch.randn(3, 5, 12), "timestep": torch.tensor([1, 500, 999])}
+
+
+def tiny_sdxl_unet():
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    model = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8, addition_embed_type="text_time",
+        addition_time_embed_dim=8, projection_class_embeddings_input_dim=16 + 6 * 8).eval()
+    cond = {"text_embeds": torch.randn(2, 16), "time_ids": torch.tensor([[32, 32, 0, 0, 32, 32]] * 2)}
+    return model, (torch.randn(2, 4, 16, 12), torch.tensor([10, 700]), torch.randn(2, 5, 32)), {
+        "added_cond_kwargs": cond}
+
+
+FAMILIES = {"pixart": (tiny_pixart, {"blocks": "all"}), "sdxl": (tiny_sdxl_unet, {"max_downsample": 2})}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_method_compresses_pixart_and_sdxl(family):
+    build, options = FAMILIES[family]
+    model, args, kwargs = build()
+    with torch.no_grad():
+        before = model(*args, **kwargs).sample
+        for name in bigain.list_compressors():
+            with bigain.apply(model, name, **options) as handle:
+                out = model(*args, **kwargs).sample
+                stats = handle.stats()
+            assert handle.family == ("pixart" if family == "pixart" else "unet")
+            assert stats and all(s["calls"] == 1 for s in stats), (name, stats)
+            if name == "none":
+                assert torch.equal(out, before)
+                continue
+            assert all(s["compressed_calls"] == 1 for s in stats), (name, stats)
+            assert 0 < stats[0]["queries"] * stats[0]["keys_values"] < stats[0]["tokens_in"] ** 2
+            assert not torch.allclose(out, before), name
+            assert torch.equal(model(*args, **kwargs).sample, before)  # remove() restores bitwise
+        with bigain.apply(model, "tome", **options):
+            compiled = torch.compile(model, fullgraph=True, backend="eager")(*args, **kwargs).sample
+            assert torch.allclose(compiled, model(*args, **kwargs).sample, atol=1e-5)
+    torch._dynamo.reset()
+
+
+def test_sdxl_at_level_one_warns_that_nothing_is_compressed():
+    model, _, _ = tiny_sdxl_unet()
+    with pytest.warns(UserWarning, match=r"selected no self-attention layer.*levels \[2\].*use 2"):
+        handle = bigain.apply(model, "tome")
+    assert handle.layers == [] and all("max_downsample=1" in reason for _, reason in handle.skipped)
+    handle.remove()
