@@ -138,7 +138,13 @@ def handle_signals() -> Iterator[None]:
 
 @contextlib.contextmanager
 def deferred() -> Iterator[None]:
-    """A section a signal must not cut in half: :class:`Interrupted` is raised when it ends."""
+    """A section a signal must not cut in half: :class:`Interrupted` is raised when it ends.
+
+    Only the main thread receives signals; in other threads the section is an ordinary block.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     _state.critical += 1
     try:
         yield

@@ -48,16 +48,18 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to a temporary file next to ``path`` and rename it over ``path``."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    with interrupts.deferred():  # a stop signal waits for the rename: no temporary file is left behind
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
 
 
 def atomic_write_parquet(df, path: str | Path) -> None:
     """``df.to_parquet(path)`` through a temporary file and a rename."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+    with interrupts.deferred():
+        df.to_parquet(tmp, index=False)
+        os.replace(tmp, path)
 
 
 def _pid_alive(pid: int) -> bool:
