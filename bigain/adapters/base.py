@@ -15,6 +15,7 @@ break or a device sync: read shapes (static Python ints) and pass tensors on, ne
 
 from __future__ import annotations
 
+import importlib
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -57,9 +58,9 @@ def argument(args: tuple, kwargs: dict, position: int, names: Sequence[str]) -> 
 class DenoiserAdapter(ABC):
     """Base class of the adapters of a model family.
 
-    Subclasses set :attr:`family` and :attr:`default_metric`, implement :meth:`matches`,
-    :meth:`sites`, :meth:`select` and :meth:`token_size`, and may override :meth:`timesteps` and
-    :meth:`grid`.
+    Subclasses set :attr:`family`, :attr:`default_metric` and :attr:`model_class` (or override
+    :meth:`matches`), implement :meth:`sites`, :meth:`select` and :meth:`token_size`, and may
+    override :meth:`timesteps` and :meth:`grid`.
 
     Args:
         denoiser: the denoiser module (for which :meth:`matches` returned True).
@@ -71,14 +72,19 @@ class DenoiserAdapter(ABC):
     default_metric: ClassVar[Literal["block", "attention"]] = "attention"
     #: The denoiser classes the adapter handles, for error messages.
     handles: ClassVar[str] = ""
+    #: ``"module:ClassName"`` of the denoiser class; the default :meth:`matches` is an isinstance test.
+    model_class: ClassVar[str] = ""
 
     def __init__(self, denoiser: nn.Module) -> None:
         self.denoiser = denoiser
 
     @classmethod
-    @abstractmethod
     def matches(cls, module: Any) -> bool:
-        """Whether ``module`` is a denoiser of this family."""
+        """Whether ``module`` is a denoiser of this family (an instance of :attr:`model_class`)."""
+        if not cls.model_class:
+            raise NotImplementedError(f"{cls.__qualname__} sets no model_class and does not override matches()")
+        path, _, name = cls.model_class.partition(":")
+        return isinstance(module, getattr(importlib.import_module(path), name))
 
     @abstractmethod
     def sites(self) -> list[AttentionSite]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Literal
 
 from torch import Tensor
 
@@ -34,13 +34,8 @@ class DiTAdapter(DenoiserAdapter):
 
     family = "dit"
     default_metric = "attention"
+    model_class = "diffusers:DiTTransformer2DModel"
     handles = "DiTTransformer2DModel"
-
-    @classmethod
-    def matches(cls, module: Any) -> bool:
-        from diffusers import DiTTransformer2DModel
-
-        return isinstance(module, DiTTransformer2DModel)
 
     def sites(self) -> list[AttentionSite]:
         return [AttentionSite(f"transformer_blocks.{i}.attn1", block, getattr(block, "attn1", None), 1, i)

@@ -9,8 +9,6 @@ compressed; the metric is the self-attention input, as for a DiT.
 
 from __future__ import annotations
 
-from typing import Any
-
 from bigain.adapters.dit import DiTAdapter
 
 __all__ = ["PixArtAdapter"]
@@ -20,10 +18,5 @@ class PixArtAdapter(DiTAdapter):
     """``transformer_blocks[i].attn1`` of a PixArt transformer, selected like DiT blocks."""
 
     family = "pixart"
+    model_class = "diffusers:PixArtTransformer2DModel"
     handles = "PixArtTransformer2DModel (PixArt-alpha / PixArt-Sigma)"
-
-    @classmethod
-    def matches(cls, module: Any) -> bool:
-        from diffusers import PixArtTransformer2DModel
-
-        return isinstance(module, PixArtTransformer2DModel)

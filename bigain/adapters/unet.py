@@ -43,13 +43,8 @@ class UNetAdapter(DenoiserAdapter):
 
     family = "unet"
     default_metric = "block"
+    model_class = "diffusers:UNet2DConditionModel"
     handles = "UNet2DConditionModel (Stable Diffusion 1.x / 2.x / XL)"
-
-    @classmethod
-    def matches(cls, module: Any) -> bool:
-        from diffusers import UNet2DConditionModel
-
-        return isinstance(module, UNet2DConditionModel)
 
     def sites(self) -> list[AttentionSite]:
         levels = unet_levels(self.denoiser)
