@@ -289,3 +289,30 @@ def test_interrupted_is_never_reported_as_a_plain_keyboard_interrupt_exit(dit_pa
     err = proc.stderr.read()
     assert "Detected KeyboardInterrupt" not in err and "stopped by SIGINT" in err
     assert json.loads((tmp_path / "run" / "run.json").read_text())["status"].startswith("interrupted (SIGINT)")
+
+
+# -- a compressor that breaks mid-run ------------------------------------------------------------
+
+def test_a_compressor_breaking_mid_run_is_one_line_naming_it_and_keeps_the_finished_records(
+        dit_path, tmp_path, capsys, monkeypatch):
+    from bigain.compressor import Compressed
+    from bigain.registry import COMPRESSORS
+
+    todo = COMPRESSORS.get("todo")
+    real, calls = todo.compress, {"n": 0}
+
+    def wrong_shapes_later(self, x, ctx):
+        calls["n"] += 1
+        out = real(self, x, ctx)
+        return out if calls["n"] <= 3 else Compressed(queries=out.queries[:, :-1], context=out.context)
+
+    monkeypatch.setattr(todo, "compress", wrong_shapes_later)
+    run_dir = tmp_path / "run"
+    assert main(args(dit_path, run_dir, "--model.compressor", "todo", "--model.blocks", "[1]", length=6)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("bigain classify: error: compressor 'todo'") and "from bigain" in err[-1]
+    assert "transformer_blocks.1.attn1" in err[-1] and "Traceback" not in "\n".join(err)
+    meta = json.loads((run_dir / "run.json").read_text())
+    assert meta["status"].startswith("failed: CompressorError: compressor 'todo'")
+    done = RunFolder(run_dir).done_indices()
+    assert done and len(done) < 6  # what finished before the failure is kept, for a resume
