@@ -76,25 +76,27 @@ def test_a_signal_raises_interrupted_but_never_inside_a_deferred_section():
     assert signal.getsignal(signal.SIGINT) is before  # handlers are given back
 
 
-def test_sigint_stops_an_in_process_sweep_and_records_the_cell_as_interrupted(dit_path, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_an_in_process_sweep_and_records_the_cell_as_interrupted(dit_path, tmp_path, signum):
+    """What `bigain demo` runs: cells in this process, under Lightning's own SIGTERM handler."""
     spec = sweep_spec(dit_path, length=40)
     first = tmp_path / "classify" / "toy" / "none"
 
     def interrupt_when_started():
         while shard_lines(first) < 1:
             time.sleep(0.05)
-        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signum)
 
     threading.Thread(target=interrupt_when_started, daemon=True).start()
     start = time.monotonic()
     with pytest.raises(interrupts.Interrupted) as info:
         run_sweep(spec, out=tmp_path, in_process=True)
-    assert info.value.exit_code == 130 and time.monotonic() - start < 60
+    assert info.value.exit_code == 128 + signum and time.monotonic() - start < 60
     cells = json.loads((tmp_path / "sweep.json").read_text())["cells"]
     assert [c["status"] for c in cells] == ["interrupted"]  # no later cell started
     assert not (tmp_path / "classify" / "toy" / "tome-ratio0.5").exists()
     meta = json.loads((first / "run.json").read_text())
-    assert meta["status"].startswith("interrupted (SIGINT)") and 0 < shard_lines(first) < 40
+    assert meta["status"].startswith(f"interrupted ({signal.Signals(signum).name})") and 0 < shard_lines(first) < 40
     assert not (first / "run.lock").exists()
 
 
