@@ -40,7 +40,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from bigain import interrupts
 from bigain.errors import RunFolderError
 
-__all__ = ["RunFolder", "RunLock", "RecordWriter", "RankWatcher", "fingerprint", "environment_info",
+__all__ = ["RunFolder", "RunLock", "RecordWriter", "RankWatcher", "dead_rank_status", "fingerprint", "environment_info",
            "is_rank_zero_process", "atomic_write_text", "atomic_write_parquet"]
 
 
@@ -416,6 +416,16 @@ class RecordWriter(BasePredictionWriter):
         self.run.append(rank, prediction.get("bad", []), kind="bad")
 
 
+def dead_rank_status(procs: list) -> str | None:
+    """``run.json``'s status when one of the DDP ranks ``procs`` (rank 1, 2, ...) exited with an error."""
+    for rank, proc in enumerate(procs, start=1):
+        code = proc.poll()
+        if code not in (None, 0):
+            return (f"failed: DDP rank {rank} (pid {proc.pid}) exited with code {code}; the finished records are "
+                    f"kept, start the same command to resume")
+    return None
+
+
 class RankWatcher:
     """Watches the DDP ranks this process launched (Lightning's script launcher) for the run.
 
@@ -472,9 +482,7 @@ class RankWatcher:
                 os.kill(os.getpid(), code - 128)
                 return
             with contextlib.suppress(Exception):
-                self.run.update_meta(status=f"failed: DDP rank {rank} (pid {proc.pid}) exited with code {code}; "
-                                            f"the finished records are kept, start the same command to resume",
-                                     finished=_now())
+                self.run.update_meta(status=dead_rank_status(self.procs), finished=_now())
             for p in self.procs:
                 with contextlib.suppress(OSError):
                     p.kill()

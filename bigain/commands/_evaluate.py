@@ -18,7 +18,7 @@ from bigain.datamodules.base import BigainDataModule
 from bigain.datamodules.registry import datamodule_class_path
 from bigain.errors import BigainError, ConfigError
 from bigain.interrupts import Interrupted, forward_to, handle_signals, reinstall, requested
-from bigain.runs import RankWatcher, RecordWriter, RunFolder, environment_info
+from bigain.runs import RankWatcher, RecordWriter, RunFolder, dead_rank_status, environment_info
 
 __all__ = ["run_evaluation", "EvalProgressBar", "translate_names", "model_meta"]
 
@@ -225,5 +225,9 @@ def _record_failure(run: RunFolder, exc: BaseException, trainer: Any, *, created
 
         shutil.rmtree(run.path, ignore_errors=True)
         return
-    run.update_meta(status=f"failed: {type(exc).__name__}: {exc}",
-                    finished=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    procs = getattr(trainer.strategy.launcher, "procs", None) or []
+    status = dead_rank_status(procs) or f"failed: {type(exc).__name__}: {exc}"  # a dead rank is the cause
+    for proc in procs:  # ranks still running would wait forever for the ones that are gone
+        if proc.poll() is None:
+            proc.kill()
+    run.update_meta(status=status, finished=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
