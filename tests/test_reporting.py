@@ -22,6 +22,29 @@ def test_mcnemar_exact_on_hand_made_tables():
     assert mcnemar_exact(0, 6) == pytest.approx(2 / 64)
 
 
+def _exact_tail(b, c):
+    """The two-sided exact p-value with big-integer binomial coefficients (the slow reference)."""
+    import math
+    from fractions import Fraction
+
+    n, k = b + c, min(b, c)
+    return min(1.0, float(2 * Fraction(sum(math.comb(n, i) for i in range(k + 1)), 2**n)))
+
+
+@pytest.mark.parametrize("b,c", [(3, 4), (40, 70), (70, 40), (600, 700), (3000, 3300), (0, 1500)])
+def test_mcnemar_exact_equals_the_big_integer_sum(b, c):
+    assert mcnemar_exact(b, c) == pytest.approx(_exact_tail(b, c), rel=1e-10, abs=1e-300)
+
+
+def test_mcnemar_exact_at_imagenet_size():
+    # 0.001432142504802657 is the big-integer sum for (12000, 12500), computed once (it takes minutes)
+    assert mcnemar_exact(12000, 12500) == pytest.approx(0.001432142504802657, rel=1e-10)
+    scipy_stats = pytest.importorskip("scipy.stats")
+    for b, c in [(12000, 12500), (6300, 6100), (17, 40)]:
+        reference = min(1.0, 2 * scipy_stats.binom.cdf(min(b, c), b + c, 0.5))
+        assert abs(mcnemar_exact(b, c) - reference) <= 1e-12
+
+
 def make_run(root, name, method, correct, *, seed=0, indices=None, hp=None, seconds=1.0, task="classify"):
     folder = RunFolder(root / name)
     indices = list(range(len(correct))) if indices is None else indices
