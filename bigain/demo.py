@@ -33,7 +33,7 @@ DEMO_COMPRESSORS: list[Any] = [
 
 def demo_sweep(*, out: str | Path, quick: bool, images: int | None = None, gen_per_class: int | None = None,
                methods: list[str] | None = None, accelerator: str = "auto", dtype: str = "float32",
-               tasks: tuple[str, ...] = ("classify", "generate")) -> dict[str, Any]:
+               tasks: tuple[str, ...] = ("classify", "generate"), compile: str = "none") -> dict[str, Any]:
     """The sweep specification the demo runs."""
     images = images if images is not None else (30 if quick else 100)
     per_class = gen_per_class if gen_per_class is not None else (2 if quick else 4)
@@ -52,11 +52,11 @@ def demo_sweep(*, out: str | Path, quick: bool, images: int | None = None, gen_p
         "datasets": [{"class_path": "toy", "label": "toy",
                       "init_args": {"length": images, "batch_size": 4}}],
         "compressors": compressors,
-        "classify": {"model": {"backbone": "toy", "backbone_options": {"dtype": dtype},
+        "classify": {"model": {"backbone": "toy", "backbone_options": {"dtype": dtype}, "compile": compile,
                                "blocks": list(TOY_COMPRESSED_BLOCKS),
                                "batch_size": 128, **protocol},
                      "trainer": trainer},
-        "generate": {"model": {"backbone": "toy", "backbone_options": {"dtype": dtype},
+        "generate": {"model": {"backbone": "toy", "backbone_options": {"dtype": dtype}, "compile": compile,
                                "blocks": list(TOY_COMPRESSED_BLOCKS),
                                "steps": 10 if quick else 25, "guidance_scale": 4.0,
                                "feature_extractor": "toy", "fidelity_classifier": "toy",

@@ -70,3 +70,14 @@ def test_compiled_classification_equals_eager_and_shares_the_fingerprint(tmp_pat
         assert a.keys() == b.keys() and all(abs(a[k] - b[k]) <= 1e-4 for k in a)
     assert compiled["seconds"].iloc[1:].max() < 10 * eager["seconds"].max() + 5  # compiled once, not per image
     assert meta["compression"]["tokens_kept"]["1"]["queries"] == 0.5  # from the traced graph
+
+
+def test_demo_passes_the_compile_mode_to_every_cell(tmp_path):
+    from bigain.demo import demo_sweep
+    from bigain.sweep import expand_sweep
+
+    cells = expand_sweep(demo_sweep(out=tmp_path, quick=True, compile="reduce-overhead"))
+    assert cells and all(c.config["model"]["compile"] == "reduce-overhead" for c in cells)
+    assert {c.task for c in cells} == {"classify", "generate"}
+    eager = expand_sweep(demo_sweep(out=tmp_path, quick=True))
+    assert all(c.config["model"]["compile"] == "none" for c in eager)

@@ -32,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(AMX / AVX-512 BF16 / ARM BF16), float32 on other CPUs (where bfloat16 is emulated "
                              "and several times slower) and on a GPU; report.md says which and why. Noising and "
                              "losses stay float32")
+    parser.add_argument("--compile", choices=["none", "default", "reduce-overhead", "max-autotune"], default="none",
+                        help="run the compressed toy model through torch.compile in this mode (none: eager); "
+                             "finished runs are reused either way, the results do not depend on it")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -53,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
         args.dtype, why = auto_dtype("cuda" if on_gpu else "cpu")
     print(f"bigain demo: precision {args.dtype} ({why})", file=sys.stderr)
     spec = demo_sweep(out=out, quick=args.quick, images=args.images, gen_per_class=args.gen_per_class,
-                      methods=args.methods, accelerator=args.accelerator, dtype=args.dtype, tasks=tuple(args.tasks))
+                      methods=args.methods, accelerator=args.accelerator, dtype=args.dtype, tasks=tuple(args.tasks),
+                      compile=args.compile)
     cells = expand_sweep(spec)
     start = time.perf_counter()
     bar = tqdm(total=len(cells), desc="demo", unit="run", file=sys.stderr)
@@ -83,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
                       f"features against the real toy images of the same indices",
         "device": ", ".join(sorted(report["summary"].get("device", pd.Series()).dropna().astype(str).unique())) or "-",
         "precision": f"{args.dtype} ({why})",
+        "compile": "eager" if args.compile == "none" else f"torch.compile, mode {args.compile}",
         "wall time": f"{time.perf_counter() - start:.0f} s" + (f" ({reused} finished runs reused)" if reused else ""),
     }
     path = write_demo_report(out, report, settings)
