@@ -206,7 +206,8 @@ def test_remove_restores_fails_when_remove_leaves_the_wrappers(monkeypatch):
 
 
 def test_every_check_is_proven_to_fail():
-    assert set(BROKEN) | {"remove_restores"} >= set(CHECKS) - {"compiles"}
+    """A new check needs its broken compressor in BROKEN (or its own test, like remove_restores)."""
+    assert set(BROKEN) | {"remove_restores"} == set(CHECKS)
 
 
 def test_contract_catches_each_signature_mistake():
