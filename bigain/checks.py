@@ -29,7 +29,7 @@ from bigain.patching import apply
 
 __all__ = ["check_contract", "check_shapes", "check_dtype", "check_finite", "check_compresses",
            "check_restores_constant", "check_identity", "check_global_rng", "check_inputs_unchanged",
-           "check_batch_independent", "check_deterministic", "check_remove_restores"]
+           "check_batch_independent", "check_deterministic", "check_remove_restores", "check_compiles"]
 
 _FAMILIES = ("unet", "dit")
 
@@ -278,3 +278,54 @@ def check_remove_restores(s: Subject) -> None:
             s.fail(f"tiny {family}: remove() did not put back the original processor objects")
         if not same(after, before):
             s.fail(f"tiny {family}: the output after remove() differs from the output before apply()")
+
+
+class _GraphCounter:
+    """A ``torch.compile`` backend that runs the captured graphs eagerly and counts them."""
+
+    def __init__(self) -> None:
+        self.graphs = 0
+
+    def __call__(self, gm, example_inputs):
+        self.graphs += 1
+        return gm.forward
+
+
+def _new_values(family: str, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The same shapes with other values: another sample and other timesteps."""
+    if family == "unet":
+        return (args[0] * 0.5 + 0.1, args[1].flip(0) + 7, *args[2:]), kwargs
+    return (args[0] * 0.5 + 0.1, *args[1:]), {**kwargs, "timestep": kwargs["timestep"].flip(0) + 7}
+
+
+@check("compiles", "torch.compile(fullgraph=True) traces the compressed tiny UNet and DiT as one graph (no "
+                   "graph break, no device-to-host sync), equal to eager, with no recompile for new input values")
+def check_compiles(s: Subject) -> None:
+    rules = ("keep shapes static, never read a tensor back to the host (.item(), .tolist(), float(t)), draw "
+             "randomness with ctx.sample_randint / ctx.sample_randn, and keep no state between calls")
+    for family in _FAMILIES:
+        model, args, kwargs, options = s.model(family, fresh=True)
+        counter = _GraphCounter()
+        torch._dynamo.reset()
+        try:
+            with apply(model, s.compressor, seed=s.seed, **options), fixed_global_rng():
+                eager = forward(model, args, kwargs)
+                compiled = torch.compile(model, fullgraph=True, backend=counter)
+                try:
+                    out = forward(compiled, args, kwargs)
+                except Exception as exc:  # a graph break under fullgraph, or a trace-time failure
+                    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                    s.fail(f"tiny {family}: torch.compile(fullgraph=True) failed: {type(exc).__name__}: {first}. "
+                           f"To trace as one graph, {rules}")
+                if counter.graphs != 1:
+                    s.fail(f"tiny {family}: traced as {counter.graphs} graphs, expected one; {rules}")
+                if not torch.allclose(out, eager, rtol=0, atol=1e-4):
+                    err = float((out - eager).abs().max())
+                    s.fail(f"tiny {family}: the compiled output differs from eager by {err:.2e} (> 1e-4)")
+                args2, kwargs2 = _new_values(family, args, kwargs)
+                forward(compiled, args2, kwargs2)
+                if counter.graphs != 1:
+                    s.fail(f"tiny {family}: a second call with new input values of the same shapes recompiled, so "
+                           f"a Python value the compressor reads changes from call to call; {rules}")
+        finally:
+            torch._dynamo.reset()

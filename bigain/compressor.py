@@ -172,10 +172,14 @@ class TokenCompressor(ABC):
     Class attributes:
         identity_params: hyperparameters under which the compressor must leave the model bitwise
             unchanged (the conformance suite checks it), or ``None`` if there are none.
+        not_applicable_checks: conformance checks that do not apply to the compressor by design,
+            each with the reason (``{"compresses": "only compresses levels 4 and deeper"}``); the
+            suite then warns instead of running them.
     """
 
     name: ClassVar[str] = ""
     identity_params: ClassVar[Mapping[str, Any] | None] = None
+    not_applicable_checks: ClassVar[Mapping[str, str]] = {}
 
     @abstractmethod
     def compress(self, x: Tensor, ctx: LayerContext) -> Compressed:

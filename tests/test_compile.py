@@ -65,9 +65,10 @@ def test_explain_finds_one_graph_and_no_break(family):
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
 
 
-@pytest.mark.parametrize("family", ["unet", "dit"])
-@pytest.mark.parametrize("name", ["none", "tome", "bigain_tm", "todo", "bigain_td", "sito"])
+@pytest.mark.parametrize("family,name", [("unet", "tome"), ("dit", "bigain_td"), ("dit", "sito")])
 def test_fullgraph_compile_equals_eager_and_does_not_recompile(family, name):
+    """Every built-in on both families is also checked by the conformance suite's `compiles` check;
+    here an odd batch, and the token counts a compiled graph records."""
     model, handle = build(family, name)
     backend = CountingBackend()
     compiled = torch.compile(model, fullgraph=True, backend=backend)
