@@ -25,6 +25,7 @@ import torch
 import yaml
 from torch import nn
 
+from bigain.backbones.base import COMPILE_MODES
 from bigain.errors import BigainError, ConfigError, UnknownNameError
 from bigain.patching import apply
 from bigain.registry import create_compressor
@@ -36,8 +37,6 @@ BENCH_MODELS = ("sd2-unet", "sdxl-unet", "dit-xl-2", "toy")
 DEFAULT_METHODS = ("none", "tome:ratio=0.5", "tome:ratio=0.7", "bigain_tm:ratio=0.5", "bigain_tm:ratio=0.7",
                    "sito:ratio=0.5", "sito:ratio=0.7", "todo:factor=2", "bigain_td:factor=2")
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-#: ``--compile`` modes: ``none`` is eager; the others are ``torch.compile`` modes (``default`` = mode None).
-COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 
 
 @dataclass(frozen=True)
@@ -248,8 +247,7 @@ def _clone_sharing_weights(model: nn.Module) -> nn.Module:
 
 
 def _compiled(model: nn.Module, mode: str, backend: str) -> nn.Module:
-    if mode not in COMPILE_MODES:
-        raise ConfigError(f"compile mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
+    """``model`` itself for ``none`` (eager), else ``torch.compile`` of it (``default`` = mode None)."""
     if mode == "none":
         return model
     return torch.compile(model, mode=None if mode == "default" else mode, backend=backend)

@@ -172,3 +172,9 @@ def test_sdxl_at_level_one_warns_that_nothing_is_compressed():
         handle = bigain.apply(model, "tome")
     assert handle.layers == [] and all("max_downsample=1" in reason for _, reason in handle.skipped)
     handle.remove()
+
+
+def test_an_adapter_must_say_which_denoisers_it_handles():
+    with pytest.raises(TypeError, match="must set model_class"):
+        class Vague(DenoiserAdapter):  # neither model_class nor matches()
+            family = "vague"

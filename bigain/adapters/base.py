@@ -78,11 +78,14 @@ class DenoiserAdapter(ABC):
     def __init__(self, denoiser: nn.Module) -> None:
         self.denoiser = denoiser
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if not cls.model_class and cls.matches.__func__ is DenoiserAdapter.matches.__func__:
+            raise TypeError(f"{cls.__qualname__} must set model_class ('module:ClassName') or override matches()")
+
     @classmethod
     def matches(cls, module: Any) -> bool:
         """Whether ``module`` is a denoiser of this family (an instance of :attr:`model_class`)."""
-        if not cls.model_class:
-            raise NotImplementedError(f"{cls.__qualname__} sets no model_class and does not override matches()")
         path, _, name = cls.model_class.partition(":")
         return isinstance(module, getattr(importlib.import_module(path), name))
 

@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from bigain.backbones.base import COMPILE_MODES
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="fewer images and a shorter protocol (about 2 minutes)")
@@ -32,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(AMX / AVX-512 BF16 / ARM BF16), float32 on other CPUs (where bfloat16 is emulated "
                              "and several times slower) and on a GPU; report.md says which and why. Noising and "
                              "losses stay float32")
-    parser.add_argument("--compile", choices=["none", "default", "reduce-overhead", "max-autotune"], default="none",
+    parser.add_argument("--compile", choices=list(COMPILE_MODES), default="none",
                         help="run the compressed toy model through torch.compile in this mode (none: eager); "
                              "finished runs are reused either way, the results do not depend on it")
 
