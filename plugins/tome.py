@@ -4,6 +4,11 @@ One destination per ``sy x sx`` cell (random or top-left), every other token a s
 finds its most cosine-similar destination; the ``r = int(N * ratio)`` most similar sources are
 averaged into their destinations (plain mean). The merged tokens attend among themselves (queries,
 keys and values all merged) and the output is copied back to every token a destination stands for.
+
+Random destinations are keyed by default (one pattern per seed, layer and timestep, whatever the
+batch). ``randomness="tomesd"`` reproduces the randomness of the ``tomesd`` package and the released
+BiGain scripts instead: a ``torch.Generator`` seeded once with the seed and advanced by every call,
+one pattern per call shared by the batch, and top-left destinations whenever the batch size is odd.
 """
 
 from __future__ import annotations
@@ -62,22 +67,49 @@ class ToMe(CellMerge):
         ratio: fraction of tokens merged away, ``r = int(N * ratio)``; at most ``1 - 1/(sx*sy)``.
         sx: stride cell width.
         sy: stride cell height.
-        dst: ``"random"`` - a random destination per cell, one pattern per (layer, timestep), shared
-            by every sample at that timestep (so both halves of a guidance batch, and every class
-            scored at one timestep, merge alike; nothing depends on batch size); or ``"topleft"`` -
-            always the cell's top-left token (``tomesd``'s ``use_rand=False``).
+        dst: ``"random"`` - a random destination per cell; or ``"topleft"`` - always the cell's
+            top-left token (``tomesd``'s ``use_rand=False``).
+        randomness: where ``dst="random"`` draws from. ``"keyed"`` (the default): one pattern per
+            (seed, layer, timestep), shared by every sample at that timestep (both halves of a
+            guidance batch, every class scored at one timestep); nothing depends on batch size or
+            call order, and it compiles into one graph. ``"tomesd"``: as the ``tomesd`` package and
+            the released BiGain scripts draw it - a ``torch.Generator`` on the tokens' device,
+            seeded once with the seed and advanced by every call, one pattern per call shared by
+            the batch, and top-left destinations whenever the batch size is odd. Results then
+            depend on batch size, call order and resumption; eager mode only (a stateful
+            generator cannot be traced). For reproducing released numbers, never a default.
     """
 
     name = "tome"
 
     def __init__(self, *, ratio: float = 0.5, sx: int = 2, sy: int = 2,
-                 dst: Literal["random", "topleft"] = "random") -> None:
+                 dst: Literal["random", "topleft"] = "random",
+                 randomness: Literal["keyed", "tomesd"] = "keyed") -> None:
         super().__init__(ratio=ratio, sx=sx, sy=sy)
         if dst not in ("random", "topleft"):
             raise ConfigError(f"tome: dst must be 'random' or 'topleft', got {dst!r}")
+        if randomness not in ("keyed", "tomesd"):
+            raise ConfigError(f"tome: randomness must be 'keyed' (per seed, layer and timestep; the default) or "
+                              f"'tomesd' (a generator advancing per call, as the released scripts), "
+                              f"got {randomness!r}")
         self.dst = dst
+        self.randomness = randomness
+        self._generators: dict[tuple[str, int], torch.Generator] = {}
+
+    def tomesd_generator(self, device: torch.device, seed: int) -> torch.Generator:
+        """The generator ``randomness="tomesd"`` draws from on ``device``: created on first use,
+        seeded with ``seed`` (as ``torch.Generator(device).manual_seed(seed)``), then advancing."""
+        key = (str(device), int(seed))
+        if key not in self._generators:
+            self._generators[key] = torch.Generator(device=device).manual_seed(int(seed) & ((1 << 64) - 1))
+        return self._generators[key]
 
     def choose_destinations(self, x: Tensor, ctx: LayerContext, cells: tuple[int, int]) -> Tensor:
-        if self.dst == "topleft":
-            return torch.zeros((x.shape[0], *cells), dtype=torch.long, device=x.device)
+        b = x.shape[0]
+        if self.dst == "topleft" or (self.randomness == "tomesd" and b % 2 == 1):
+            return torch.zeros((b, *cells), dtype=torch.long, device=x.device)
+        if self.randomness == "tomesd":
+            gen = self.tomesd_generator(x.device, ctx.seed)
+            k = torch.randint(self.sx * self.sy, size=(*cells, 1), device=gen.device, generator=gen)
+            return k.to(x.device).view(1, *cells).expand(b, -1, -1)
         return ctx.sample_randint(self.sx * self.sy, cells)
