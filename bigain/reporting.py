@@ -12,11 +12,15 @@ from typing import Any
 
 import pandas as pd
 
-__all__ = ["wilson_interval", "mcnemar_exact", "classification_summary", "write_summary", "load_runs",
-           "paired_comparison", "summarize_runs", "write_report"]
+__all__ = ["wilson_interval", "mcnemar_exact", "paired_difference_interval", "holm_adjust", "classification_summary",
+           "timing_summary", "write_summary", "load_runs", "paired_comparison", "paired_speedup", "summarize_runs",
+           "write_report"]
+
+#: The two-sided 95 % normal quantile every interval of a report uses.
+Z95 = 1.959963984540054
 
 
-def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
     """The Wilson score interval of a binomial proportion (95% by default)."""
     if n <= 0:
         return (float("nan"), float("nan"))
@@ -51,6 +55,94 @@ def mcnemar_exact(b: int, c: int) -> float:
     return min(1.0, 2.0 * math.exp(log_top + math.log(total)))
 
 
+def _tango_score(b: int, c: int, n: int, delta: float) -> float:
+    """Tango's score statistic of the paired difference ``delta`` = P(only the method right) -
+    P(only the baseline right), given ``b`` images right only with the baseline, ``c`` right only
+    with the method, ``n`` in all. Decreasing in ``delta``; zero at ``(c - b) / n``."""
+    # the constrained maximum-likelihood estimate of P(only the baseline right) under ``delta``: the
+    # larger root of 2n q^2 + W q - b delta (1 - delta) = 0 (Tango 1998, eq. 3, with the method as
+    # "treatment"), kept inside the probability simplex against rounding
+    w = -c - b + (2 * n - c + b) * delta
+    q = (-w + math.sqrt(max(0.0, w * w + 8.0 * n * b * delta * (1.0 - delta)))) / (4.0 * n)
+    q = min(max(q, max(0.0, -delta)), (1.0 - delta) / 2.0)
+    numerator = c - b - n * delta
+    variance = n * (2.0 * q + delta * (1.0 - delta))
+    if variance <= 0.0:
+        return 0.0 if numerator == 0 else math.copysign(math.inf, numerator)
+    return numerator / math.sqrt(variance)
+
+
+def paired_difference_interval(b: int, c: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Tango's score interval (95 % by default) for a paired accuracy difference.
+
+    Of ``n`` images both runs scored, ``b`` are right only with the baseline and ``c`` only with the
+    method; the difference is ``(c - b) / n``. The interval is every ``delta`` whose score statistic
+    (:func:`_tango_score`: the observed discordant difference against its variance under
+    ``delta``, with the nuisance probability at its constrained maximum-likelihood value) is within
+    ``z`` in absolute value (T. Tango, "Equivalence test and confidence interval for the difference
+    in proportions for the paired-sample design", Statistics in Medicine 17, 1998). It uses only
+    ``b``, ``c`` and ``n``, stays inside [-1, 1], is not degenerate when ``b = c = 0``, and covers
+    close to 95 % at small ``n``, where the Wald interval ``(c - b)/n ± z sqrt(...)`` does not.
+    Both ends are found by bisection of the (monotone) statistic to 1e-12.
+    """
+    b, c, n = int(b), int(c), int(n)
+    if n <= 0:
+        return (float("nan"), float("nan"))
+    if b < 0 or c < 0 or b + c > n:
+        raise ValueError(f"discordant counts b={b}, c={c} do not fit in n={n} paired images")
+    estimate = (c - b) / n
+
+    def solve(lo: float, hi: float, target: float) -> float:
+        # the statistic is decreasing: find delta with _tango_score(delta) = target on [lo, hi]
+        for _ in range(200):
+            if hi - lo <= 1e-12:
+                break
+            mid = 0.5 * (lo + hi)
+            if _tango_score(b, c, n, mid) > target:
+                lo = mid
+            else:
+                hi = mid
+        return 0.5 * (lo + hi)
+
+    low = -1.0 if _tango_score(b, c, n, -1.0) <= z else solve(-1.0, estimate, z)
+    high = 1.0 if _tango_score(b, c, n, 1.0) >= -z else solve(estimate, 1.0, -z)
+    return (max(-1.0, min(low, estimate)), min(1.0, max(high, estimate)))
+
+
+def holm_adjust(pvalues) -> list[float]:
+    """Holm's step-down adjustment of ``pvalues`` (one family of tests), in the order given.
+
+    With the ``m`` p-values sorted ascending, ``p_(1) <= ... <= p_(m)``, the adjusted value of the
+    ``i``-th is ``max_{j <= i} min(1, (m - j + 1) p_(j))``; rejecting where the adjusted value is
+    below alpha controls the family-wise error rate at alpha. NaN entries are left out of the
+    family and stay NaN.
+    """
+    values = [float(p) for p in pvalues]
+    kept = sorted((p, i) for i, p in enumerate(values) if not math.isnan(p))
+    m = len(kept)
+    out = [float("nan")] * len(values)
+    running = 0.0
+    for rank, (p, i) in enumerate(kept):
+        running = max(running, min(1.0, (m - rank) * p))
+        out[i] = running
+    return out
+
+
+def timing_summary(records: pd.DataFrame) -> dict[str, Any]:
+    """Cost per image from a run's records: the mean and median wall-clock ``seconds``, and the
+    median ``denoiser_seconds`` (the time inside the denoiser's own forwards) where recorded."""
+    out: dict[str, Any] = {}
+    for col, mean_key, median_key in (("seconds", "seconds_per_image", "median_seconds_per_image"),
+                                      ("denoiser_seconds", None, "denoiser_seconds_per_image")):
+        if col in records:
+            values = pd.to_numeric(records[col], errors="coerce").dropna()
+            if len(values):
+                if mean_key:
+                    out[mean_key] = float(values.mean())
+                out[median_key] = float(values.median())
+    return out
+
+
 def classification_summary(records: pd.DataFrame) -> dict[str, Any]:
     """Accuracy (with a 95% Wilson interval), top-5, mAP for multi-label runs, cost per image."""
     n = int(len(records))
@@ -65,9 +157,10 @@ def classification_summary(records: pd.DataFrame) -> dict[str, Any]:
         out["top5_accuracy"] = float(hits / n)
     if "average_precision" in records:
         out["mAP"] = float(records["average_precision"].mean())
-    for col in ("evaluations", "forward_calls", "seconds"):
+    for col in ("evaluations", "forward_calls"):
         if col in records:
             out[f"{col}_per_image"] = float(records[col].mean())
+    out.update(timing_summary(records))
     return out
 
 
@@ -125,6 +218,44 @@ def _find_runs(paths) -> list:
     return unique
 
 
+def _registered_datamodule_name(class_path: str) -> str | None:
+    """The registered name (``toy``) of the datamodule class ``package.module.Class``, looked up
+    in the ``bigain.datamodules`` entry points without importing plugin code; else the class's own
+    ``name`` attribute when it imports; else None."""
+    if not class_path:
+        return None
+    try:
+        import importlib
+        from importlib import metadata
+
+        from bigain.datamodules.registry import DATAMODULES
+
+        if class_path in DATAMODULES.names():  # already a registered name
+            return class_path
+        module, _, attr = class_path.replace(":", ".").rpartition(".")
+        for ep in metadata.entry_points(group=DATAMODULES.group):
+            if ep.value.replace(":", ".") == f"{module}.{attr}":
+                return ep.name
+
+        cls = getattr(importlib.import_module(module), attr)
+        name = getattr(cls, "name", None)
+        return name if isinstance(name, str) and name else None
+    except Exception:  # an unknown or broken plugin: the caller falls back to the class name
+        return None
+
+
+def dataset_name(meta: dict[str, Any]) -> str:
+    """The dataset's name for reports: what a finished run recorded (``run.json``'s
+    ``data.name``), else - for a run still going or stopped early, which has not written it yet -
+    the registered name of the datamodule in its ``result_config``, so finished and unfinished runs
+    of one dataset are named alike."""
+    recorded = (meta.get("data") or {}).get("name")
+    if recorded:
+        return str(recorded)
+    class_path = str(((meta.get("result_config") or {}).get("data") or {}).get("class_path", ""))
+    return _registered_datamodule_name(class_path) or class_path.replace(":", ".").rsplit(".", 1)[-1]
+
+
 def load_runs(paths) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Read run folders (or folders of them, like a sweep) into ``(runs, records)``.
 
@@ -149,7 +280,7 @@ def load_runs(paths) -> tuple[pd.DataFrame, pd.DataFrame]:
             "run": str(path), "task": meta.get("task"), "status": meta.get("status"),
             "backbone": model.get("backbone"),
             "backbone_options": json.dumps(model.get("backbone_options") or {}, sort_keys=True),
-            "dataset": (meta.get("data") or {}).get("name") or str(data.get("class_path", "")).rsplit(".", 1)[-1],
+            "dataset": dataset_name(meta),
             "data_config": json.dumps(data, sort_keys=True, default=str),
             "method": model.get("compressor"), "hyperparameters": json.dumps(hp, sort_keys=True),
             "seed": model.get("seed"),
@@ -168,11 +299,15 @@ def load_runs(paths) -> tuple[pd.DataFrame, pd.DataFrame]:
         for name, result in (meta.get("metrics") or {}).items():
             if isinstance(result, dict) and isinstance(result.get("value"), (int, float)):
                 row[name] = result["value"]
+                if isinstance(result.get("std"), (int, float)) and not isinstance(result.get("std"), bool):
+                    row[f"{name}_std"] = float(result["std"])  # KID's and IS's spread over subsets / splits
         records = folder.records()  # records.parquet, or the shards when it is missing or unreadable
         if len(records):
             record_frames.append(records.assign(run=str(path)))
             if row["task"] == "classify" and "correct" in records:
                 row.update(classification_summary(records))  # the records are the truth
+            else:
+                row.update(timing_summary(records))
         run_rows.append(row)
     runs = pd.DataFrame(run_rows)
     records = pd.concat(record_frames, ignore_index=True) if record_frames else pd.DataFrame(columns=["run", "index"])
@@ -229,14 +364,42 @@ def _metric_values(row: Any, records: pd.DataFrame) -> dict[str, float]:
 
 
 def paired_comparison(base: pd.DataFrame, other: pd.DataFrame) -> dict[str, Any]:
-    """Accuracy difference of ``other`` over ``base`` on the images both scored, with McNemar's exact
-    test on the discordant pairs."""
+    """Accuracy difference of ``other`` over ``base`` on the images both scored, with its 95 %
+    paired interval (:func:`paired_difference_interval`) and McNemar's exact test on the discordant
+    pairs."""
     merged = base[["index", "correct"]].merge(other[["index", "correct"]], on="index", suffixes=("_a", "_b"))
     a, b = merged["correct_a"].astype(bool), merged["correct_b"].astype(bool)
     only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
     n = len(merged)
+    low, high = paired_difference_interval(only_a, only_b, n)
     return {"paired_images": n, "delta_accuracy": (b.sum() - a.sum()) / n if n else float("nan"),
+            "delta_accuracy_low": low, "delta_accuracy_high": high,
             "only_baseline_right": only_a, "only_method_right": only_b, "mcnemar_p": mcnemar_exact(only_a, only_b)}
+
+
+#: Where a speed-up comes from: the time inside the denoiser's forwards, or the whole wall clock.
+SPEEDUP_SOURCES = {"denoiser": "denoiser_seconds", "wall clock": "seconds"}
+
+
+def paired_speedup(base: pd.DataFrame, other: pd.DataFrame, column: str = "denoiser_seconds") -> dict[str, float]:
+    """The speed-up of ``other`` over ``base`` from the per-image times in ``column``.
+
+    The speed-up is the ratio of the runs' medians (baseline / method) over the images both timed,
+    a statistic a few slow images (a loaded machine, a first compiled call) barely move; ``q1`` and
+    ``q3`` are the quartiles of the per-image ratios, the spread shown as bars in the plots. Empty
+    when either run has no such times.
+    """
+    if column not in base or column not in other:
+        return {}
+    a = base[["index", column]].assign(t=lambda d: pd.to_numeric(d[column], errors="coerce"))
+    b = other[["index", column]].assign(t=lambda d: pd.to_numeric(d[column], errors="coerce"))
+    merged = a[["index", "t"]].merge(b[["index", "t"]], on="index", suffixes=("_a", "_b")).dropna()
+    merged = merged[(merged["t_a"] > 0) & (merged["t_b"] > 0)]
+    if merged.empty:
+        return {}
+    ratios = merged["t_a"] / merged["t_b"]
+    return {"speedup": float(merged["t_a"].median() / merged["t_b"].median()),
+            "q1": float(ratios.quantile(0.25)), "q3": float(ratios.quantile(0.75)), "images": int(len(merged))}
 
 
 def summarize_runs(runs: pd.DataFrame, records: pd.DataFrame, *, baseline: str = "none") -> pd.DataFrame:
@@ -279,15 +442,49 @@ def summarize_runs(runs: pd.DataFrame, records: pd.DataFrame, *, baseline: str =
                 res.update(paired_comparison(theirs, mine))
             else:
                 res["pairing"] = "paired"
-            for metric in ("seconds_per_image",):
-                if metric in row and metric in b and pd.notna(row[metric]) and row[metric]:
-                    res["speedup"] = b[metric] / row[metric]
+            res["baseline_run"] = b["run"]
+            res.update(_speedups(row, b, mine, theirs))
             if pd.notna(row.get("gflops")) and pd.notna(b.get("gflops")) and row.get("gflops"):
                 res["flops_ratio"] = row["gflops"] / b["gflops"]
         if row["method"] == baseline:
-            res["speedup"] = 1.0
+            res["baseline_run"] = row["run"]
+            mine = records[records["run"] == row["run"]] if "run" in records else records.iloc[0:0]
+            res.update(_speedups(row, row, mine, mine))
+            for key in ("speedup", "wall_speedup"):
+                res.setdefault(key, 1.0)  # by definition, even with no times recorded
+            res.setdefault("speedup_source", "wall clock")
         out.append(res)
-    return pd.DataFrame(out)
+    summary = pd.DataFrame(out)
+    if "mcnemar_p" in summary:  # one family per baseline run: every method compared with it
+        summary["mcnemar_p_holm"] = float("nan")
+        for _, family in summary[summary["mcnemar_p"].notna()].groupby("baseline_run"):
+            summary.loc[family.index, "mcnemar_p_holm"] = holm_adjust(family["mcnemar_p"])
+    return summary
+
+
+def _speedups(row: Any, base: Any, mine: pd.DataFrame, theirs: pd.DataFrame) -> dict[str, Any]:
+    """``denoiser_speedup`` (from the timed denoiser forwards) and ``wall_speedup`` (from the
+    wall clock), each with the quartiles of its per-image ratios, and ``speedup`` /
+    ``speedup_source``: the denoiser's where both runs recorded it, else the wall clock's."""
+    out: dict[str, Any] = {}
+    for source, column in SPEEDUP_SOURCES.items():
+        key = "denoiser_speedup" if source == "denoiser" else "wall_speedup"
+        res = paired_speedup(theirs, mine, column)
+        if not res and column == "seconds":  # no per-image times: the runs' own seconds per image
+            a, b = base.get("seconds_per_image"), row.get("seconds_per_image")
+            if a is not None and b is not None and pd.notna(a) and pd.notna(b) and b:
+                res = {"speedup": float(a) / float(b)}
+        if res:
+            out[key] = res["speedup"]
+            if "q1" in res:
+                out[f"{key}_q1"], out[f"{key}_q3"] = res["q1"], res["q3"]
+    for source, key in (("denoiser", "denoiser_speedup"), ("wall clock", "wall_speedup")):
+        if key in out:
+            out.update(speedup=out[key], speedup_source=source)
+            if f"{key}_q1" in out:
+                out.update(speedup_q1=out[f"{key}_q1"], speedup_q3=out[f"{key}_q3"])
+            break
+    return out
 
 
 def short_hyperparameters(method: str, hyperparameters: str) -> str:
@@ -327,9 +524,29 @@ def _task_metrics(part: pd.DataFrame, task: str) -> list:
     return [m for m in metrics_for(task) if m.name in part and part[m.name].notna().any()]
 
 
+def _p_value(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return f"{value:.2g}" if value < 0.001 else f"{value:.3g}"
+
+
+def _times(value: Any) -> str:
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.2f}x"
+
+
+def _with_std(value: Any, std: Any) -> Any:
+    """``0.012 ± 0.003`` for a number with a spread, the value unchanged otherwise."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and std is not None and pd.notna(std):
+        spread = "0" if abs(std) <= 1e-9 * max(abs(value), 1e-300) else f"{std:.2g}"  # rounding noise is 0
+        return f"{value:.4g} ± {spread}"
+    return value
+
+
 def _display(part: pd.DataFrame, task: str, baseline: str) -> pd.DataFrame:
     """The human-readable table of one task (the CSV keeps every column): one column per metric
-    with a value (header and cell from the metric), then the paired and cost columns."""
+    with a value (header and cell from the metric; ``± std`` where the run recorded a spread, as
+    KID and IS do), then the paired statistics (the difference with its 95 % paired interval,
+    McNemar's raw and Holm-adjusted p-values), the two speed-ups and the cost columns."""
     metrics = _task_metrics(part, task)
     part = part.assign(_base=part["method"] != baseline).sort_values(["backbone", "dataset", "_base", "method",
                                                                       "hyperparameters"])
@@ -340,14 +557,25 @@ def _display(part: pd.DataFrame, task: str, baseline: str) -> pd.DataFrame:
                    " ()", ""), "images": r.get("images")}
         for metric in metrics:
             value = metric.format(r)
-            row[metric.column] = None if value is None or (isinstance(value, float) and pd.isna(value)) else value
+            value = None if isinstance(value, float) and pd.isna(value) else value
+            std = f"{metric.name}_std"
+            if std in part and part[std].notna().any():
+                row[f"{metric.column} ± std"] = _with_std(value, r.get(std))
+            else:
+                row[metric.column] = value
         if task == "classify":
-            row[f"vs {baseline}"] = f"{r['delta_accuracy']:+.3f}" if pd.notna(r.get("delta_accuracy")) else ""
-            row["McNemar p"] = r.get("mcnemar_p")
+            delta, low, high = r.get("delta_accuracy"), r.get("delta_accuracy_low"), r.get("delta_accuracy_high")
+            cell = ""
+            if delta is not None and pd.notna(delta):
+                cell = f"{delta:+.3f}" + (f" [{low:+.3f}, {high:+.3f}]" if low is not None and pd.notna(low) else "")
+            row[f"vs {baseline} [95% CI]"] = cell
+            row["McNemar p"] = _p_value(r.get("mcnemar_p"))
+            row["Holm p"] = _p_value(r.get("mcnemar_p_holm"))
         else:
             row["features"] = r.get("feature_extractor")
         row["pairing"] = r.get("pairing")
-        row["speedup"] = r.get("speedup")
+        row["speed-up (denoiser)"] = _times(r.get("denoiser_speedup"))
+        row["speed-up (wall clock)"] = _times(r.get("wall_speedup"))
         row["GFLOPs"] = r.get("gflops")
         row["tokens kept (q / kv)"] = _kept(r.get("tokens_kept"))
         row["s / image"] = r.get("seconds_per_image")
@@ -373,10 +601,41 @@ def _markdown(df: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: Metrics that are fractions: their plot axes show percent.
+FRACTION_METRICS = ("accuracy", "top5_accuracy", "mAP", "class_fidelity")
+
+
+def _speedup_axis(part: pd.DataFrame, baseline: str) -> tuple[str, str]:
+    """``(column, axis label)`` of the speed-up a task's plots use: the denoiser's own timed
+    forwards when every run of the task with a speed-up recorded them, else the wall clock, said so."""
+    timed = part[part["method"] != baseline]
+    if "speedup" in timed:
+        timed = timed[timed["speedup"].notna()]
+    if "denoiser_speedup" in timed and len(timed) and timed["denoiser_speedup"].notna().all():
+        return "denoiser_speedup", (f"speed-up over {baseline} (×)\nfrom the denoiser's timed forwards "
+                                    f"(median seconds per image)")
+    return "wall_speedup", (f"speed-up over {baseline} (×)\nfrom the wall clock per image "
+                            f"(no denoiser timing recorded)")
+
+
+def _speed_note(baseline: str) -> str:
+    return (f"Speed-up (denoiser): the {baseline} run's median time inside the denoiser's forwards per image "
+            f"divided by this run's; speed-up (wall clock): the same ratio of the whole per-image wall clock "
+            f"(data, encoding, scheduler and a loaded machine included); empty where a run recorded no "
+            f"denoiser timing.")
+
+
+def _stats_note(baseline: str) -> str:
+    return (f"vs {baseline}: accuracy minus the {baseline} run's on the images both scored, with Tango's 95 % "
+            f"score interval for a paired difference; McNemar p: exact two-sided test of that difference; "
+            f"Holm p: McNemar's p adjusted (Holm) over every method compared with the same {baseline} run.")
+
+
 def write_report(paths, out_dir, *, baseline: str = "none", title: str = "bigain report",
                  spectrum: Any = None) -> dict[str, Any]:
     """Merge runs, compare each with its baseline, and write ``summary.csv``, ``summary.md``,
-    ``summary.html``, ``records.parquet`` and the trade-off plots into ``out_dir``. ``spectrum`` (the
+    ``summary.html`` (the same tables and the figures, one self-contained page),
+    ``records.parquet`` and the trade-off plots into ``out_dir``. ``spectrum`` (the
     ``spectrum.csv`` of ``bigain visualize``) adds the frequency-retention table."""
     from pathlib import Path
 
@@ -391,54 +650,87 @@ def write_report(paths, out_dir, *, baseline: str = "none", title: str = "bigain
             out / "records.parquet", index=False)
     summary.to_csv(out / "summary.csv", index=False)
     sections, files = [f"# {title}", ""], {}
+    blocks: list[tuple[str, Any]] = []  # what the HTML page shows, in order: ("h2"|"p"|"table"|"img", content)
     for task, label in (("classify", "Classification"), ("generate", "Generation")):
         part = summary[summary["task"] == task] if not summary.empty else summary
         if part.empty:
             continue
+        table = _display(part, task, baseline)
         directions = "; ".join(f"{m.label}: {m.direction_label}" for m in _task_metrics(part, task))
-        sections += [f"## {label}", "", _markdown(_display(part, task, baseline)), ""]
-        if directions:
-            sections += [f"Direction - {directions}.", ""]
-    for task in ("classify", "generate"):
-        part = summary[summary["task"] == task] if not summary.empty else summary
-        if part.empty:
-            continue
+        sections += [f"## {label}", "", _markdown(table), ""]
+        blocks += [("h2", label), ("table", table)]
+        notes = ([f"Direction - {directions}."] if directions else []) + \
+            ([_stats_note(baseline)] if task == "classify" else []) + [_speed_note(baseline)]
+        for note in notes:
+            sections += [note, ""]
+            blocks.append(("p", note))
+        x, xlabel = _speedup_axis(part, baseline)
         for metric in (m for m in _task_metrics(part, task) if m.plot):
             name = re.sub(r"[^\w.-]", "_", metric.name) + "_vs_speedup.png"
-            plot_title = f"{metric.label[:1].upper()}{metric.label[1:]} vs speedup"
-            if tradeoff_plot(part, x="speedup", y=metric.name, path=out / name, title=plot_title,
-                             xlabel="measured speedup (seconds per image, baseline / method)", ylabel=metric.label,
-                             higher_is_better=metric.higher_is_better):
+            plot_title = f"{metric.label[:1].upper()}{metric.label[1:]} vs speed-up"
+            y_interval = ((f"{metric.name}_low", f"{metric.name}_high") if f"{metric.name}_low" in part
+                          else (f"{metric.name}_std",) if f"{metric.name}_std" in part else None)
+            if tradeoff_plot(part, x=x, y=metric.name, path=out / name, title=plot_title, xlabel=xlabel,
+                             ylabel=metric.label, higher_is_better=metric.higher_is_better, baseline=baseline,
+                             x_interval=(f"{x}_q1", f"{x}_q3"), y_interval=y_interval,
+                             percent=metric.name in FRACTION_METRICS):
                 files[name] = str(out / name)
                 sections += [f"![{plot_title}]({name})", ""]
+                blocks.append(("img", name))
     notes = sorted({p for p in summary.get("pairing", []) if p and p not in ("paired", "baseline")}) \
         if not summary.empty else []
     if notes:
         sections += ["## Pairing notes", ""] + [f"- {n}" for n in notes] + [""]
+        blocks += [("h2", "Pairing notes"), ("ul", notes)]
     from bigain.runs import RunFolder
 
     for run_path in (runs["run"] if "run" in runs else []):
         skipped = RunFolder(run_path).bad_images()
         if skipped:
-            sections += [*skipped_markdown(skipped, run=run_path), ""]
+            lines = skipped_markdown(skipped, run=run_path)
+            sections += [*lines, ""]
+            blocks += [("h2", lines[0].removeprefix("## ")), ("p", lines[2]),
+                       ("table", pd.DataFrame([{"index": r.get("index"), "file": r.get("ref", ""),
+                                                "error": r.get("error", "")} for r in skipped]))]
     if spectrum is not None:
         from bigain.analysis.spectrum import spectrum_markdown
 
-        sections += ["## Frequency retention (bigain visualize)", "",
-                     spectrum_markdown(pd.read_csv(spectrum), title=None), ""]
+        spectrum_table = pd.read_csv(spectrum)
+        sections += ["## Frequency retention (bigain visualize)", "", spectrum_markdown(spectrum_table, title=None), ""]
+        blocks += [("h2", "Frequency retention (bigain visualize)"), ("pre", spectrum_markdown(spectrum_table,
+                                                                                                title=None))]
     markdown = "\n".join(sections)
     (out / "summary.md").write_text(markdown)
-    (out / "summary.html").write_text(_html(title, summary, files))
+    (out / "summary.html").write_text(_html(title, blocks, out))
     return {"summary": summary, "records": records, "markdown": markdown, "files": files}
 
 
-def _html(title: str, summary: pd.DataFrame, files: dict[str, str]) -> str:
+def _html(title: str, blocks: list[tuple[str, Any]], folder) -> str:
+    """One self-contained page: the curated tables, notes and figures (PNG as base64 data URIs),
+    no external file, script or style sheet."""
+    import base64
     import html
 
-    body = summary.drop(columns=["run"], errors="ignore").to_html(index=False, float_format=lambda v: f"{v:.4g}",
-                                                                  na_rep="", border=0)
-    imgs = "".join(f'<p><img src="{html.escape(name)}" alt="{html.escape(name)}"></p>' for name in files)
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:13px}"
-            "td,th{padding:3px 8px;border-bottom:1px solid #ddd}</style></head>"
-            f"<body><h1>{html.escape(title)}</h1>{body}{imgs}</body></html>")
+    parts = []
+    for kind, content in blocks:
+        if kind == "h2":
+            parts.append(f"<h2>{html.escape(str(content))}</h2>")
+        elif kind == "p":
+            parts.append(f"<p>{html.escape(str(content))}</p>")
+        elif kind == "pre":
+            parts.append(f"<pre>{html.escape(str(content))}</pre>")
+        elif kind == "ul":
+            parts.append("<ul>" + "".join(f"<li>{html.escape(str(n))}</li>" for n in content) + "</ul>")
+        elif kind == "table":
+            cells = content.map(_fmt) if hasattr(content, "map") else content.applymap(_fmt)
+            parts.append(cells.to_html(index=False, border=0, escape=True, na_rep=""))
+        elif kind == "img":
+            data = base64.b64encode((folder / content).read_bytes()).decode("ascii")
+            parts.append(f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(content)}">'
+                         f"<figcaption>{html.escape(content)}</figcaption></figure>")
+    return ("<!doctype html><html><head><meta charset='utf-8'>"
+            f"<title>{html.escape(title)}</title>"
+            "<style>body{font-family:sans-serif;margin:2em;max-width:1400px}"
+            "table{border-collapse:collapse;font-size:13px}td,th{padding:3px 8px;border-bottom:1px solid #ddd;"
+            "text-align:left}img{max-width:100%}figcaption{font-size:12px;color:#555}</style></head>"
+            f"<body><h1>{html.escape(title)}</h1>{''.join(parts)}</body></html>\n")

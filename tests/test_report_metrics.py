@@ -177,7 +177,7 @@ def test_bigain_report_shows_a_metric_a_plugin_declares_by_entry_point(tmp_path)
     header = next(line for line in md.splitlines() if line.startswith("| backbone"))
     assert "| error rate |" in header
     assert "error rate: lower is better" in md
-    assert "![Error rate vs speedup](error_rate_vs_speedup.png)" in md
+    assert "![Error rate vs speed-up](error_rate_vs_speedup.png)" in md
     assert (tmp_path / "report" / "error_rate_vs_speedup.png").is_file()
     csv = pd.read_csv(tmp_path / "report" / "summary.csv").set_index("method")
     assert csv.loc["tome", "error_rate"] == pytest.approx(0.75) and csv.loc["none", "error_rate"] == pytest.approx(0.25)

@@ -37,6 +37,7 @@ from bigain.compressor import derive_seed
 from bigain.errors import ConfigError
 from bigain.metrics import METRIC_NAMES, parse_extractor
 from bigain.tasks.base import DiffusionTask
+from bigain.tasks.timing import ForwardTimer
 
 __all__ = ["DiffusionGenerator", "initial_noise", "save_png", "to_uint8", "METRIC_OPTIONS"]
 
@@ -132,6 +133,7 @@ class DiffusionGenerator(DiffusionTask):
         self.guidance = float(guidance_scale) if guidance_scale is not None else (7.5 if text else 4.0)
         self.image_dir: Path | None = None  # default: <run folder>/images
         self._done = 0
+        self.timer = ForwardTimer()  # the time inside the denoiser's forwards, per batch
 
     # -- configuration ---------------------------------------------------------------------
     def result_config(self) -> dict[str, Any]:
@@ -186,9 +188,10 @@ class DiffusionGenerator(DiffusionTask):
         for t in scheduler.timesteps:
             x_in = scheduler.scale_model_input(latents, t).float()
             if both is None:
-                eps = bb.predict_noise(x_in, t.reshape(1).expand(n), cond)
+                eps = self.timer.call(bb.predict_noise, x_in, t.reshape(1).expand(n), cond)
             else:
-                eps_c, eps_u = bb.predict_noise(torch.cat([x_in, x_in]), t.reshape(1).expand(2 * n), both).chunk(2)
+                eps_c, eps_u = self.timer.call(bb.predict_noise, torch.cat([x_in, x_in]), t.reshape(1).expand(2 * n),
+                                               both).chunk(2)
                 eps = eps_u + g * (eps_c - eps_u)
             latents = scheduler.step(eps.float(), t, latents, **extra).prev_sample.float()
         return bb.decode(latents)
@@ -218,6 +221,7 @@ class DiffusionGenerator(DiffusionTask):
             return {"records": [], "bad": list(batch.get("bad", []))}
         hp = self.hparams
         start = time.perf_counter()
+        self.timer.reset()
         cond, prompts = self._conditions(batch)
         shape = self.backbone.latent_shape(self.image_size)
         noise = torch.stack([initial_noise(hp.seed, index, shape) for index in indices])
@@ -225,6 +229,7 @@ class DiffusionGenerator(DiffusionTask):
         if self.backbone.device.type == "cuda":
             torch.cuda.synchronize(self.backbone.device)
         seconds = (time.perf_counter() - start) / len(indices)
+        denoiser_seconds = self.timer.seconds() / len(indices)  # the batch's denoiser time, shared out
         records = []
         for i, index in enumerate(indices):
             path = self.image_dir / f"{index:06d}.png"
@@ -238,7 +243,8 @@ class DiffusionGenerator(DiffusionTask):
             else:
                 record["label"] = int(label)
             record.update(seed=int(hp.seed), noise_seed=derive_seed("generate-noise", int(hp.seed), index),
-                          seconds=seconds, path=f"{self.image_dir.name}/{path.name}")
+                          seconds=seconds, denoiser_seconds=denoiser_seconds,
+                          path=f"{self.image_dir.name}/{path.name}")
             records.append(record)
         self._done += len(records)
         return {"records": records, "bad": list(batch.get("bad", []))}
