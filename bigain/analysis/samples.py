@@ -3,8 +3,10 @@ image index, so the same seed and prompt line up down each column.
 
 A generation run folder holds ``images/{index:06d}.png`` and ``run.json``, whose
 ``result_config.model.compressor`` and ``result_config.model.compressor_options`` name the method.
-Prompts or labels are taken from the run's records (``records.parquet`` or its shards) when it has
-them.
+Each image is captioned with what tells it apart: its class name (from the record's
+``class_name``, else its class prompt with the words every class prompt shares taken off - "a toy
+image of a circle" becomes "circle" - else the run's datamodule's class list) or, for captioned
+datasets, its caption. :func:`write_contact_sheet` draws a run's images with those captions.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import numpy as np
 from bigain.errors import ConfigError, RunFolderError
 from bigain.plots import pyplot, save_figure
 
-__all__ = ["GenerationRun", "load_generation_run", "common_indices", "plot_samples", "write_samples"]
+__all__ = ["GenerationRun", "load_generation_run", "common_indices", "plot_samples", "write_samples",
+           "distinguishing_parts", "write_contact_sheet", "write_run_contact_sheet"]
 
 
 @dataclass
@@ -40,27 +43,87 @@ class GenerationRun:
         return f"{base}\nuncompressed" if self.method == "none" else base
 
 
-def _captions(path: Path) -> dict[int, str]:
+def distinguishing_parts(texts: Sequence[str]) -> list[str]:
+    """``texts`` with the words all of them begin and end with taken off, so what tells them apart
+    is left: ``["a toy image of a circle", "a toy image of a ring"]`` -> ``["circle", "ring"]``,
+    ``"a photo of a pug, a type of pet."`` -> ``"pug"``. Texts that share fewer than two such
+    words (free captions), or one text alone, come back unchanged; a text that would be left empty
+    keeps its last word."""
+    texts = [str(t) for t in texts]
+    words = [t.split() for t in texts]
+    if len(set(texts)) < 2:
+        return texts
+    shortest = min(len(w) for w in words)
+    head = 0
+    while head < shortest and len({w[head] for w in words}) == 1:
+        head += 1
+    tail = 0
+    while tail < shortest - head and len({w[-1 - tail] for w in words}) == 1:
+        tail += 1
+    if head + tail < 2:  # one shared word ("A ...") is chance, not a template: captions stay whole
+        return texts
+    return [" ".join(w[head:len(w) - tail] or w[-1:]).rstrip(",;:") for w in words]
+
+
+def _datamodule_classes(meta: dict[str, Any]) -> list[str] | None:
+    """The class names of the run's datamodule, built from ``run.json``'s data configuration; None
+    when it cannot be built here (a dataset root on another machine, an uninstalled plugin)."""
+    data = (meta.get("result_config") or {}).get("data") or {}
+    try:
+        import importlib
+
+        from bigain.datamodules.registry import DATAMODULES
+
+        path = str(data.get("class_path", ""))
+        if path in DATAMODULES.names() or ":" in path:
+            cls = DATAMODULES.get(path)
+        else:
+            module, _, attr = path.rpartition(".")
+            cls = getattr(importlib.import_module(module), attr)
+        return [str(c) for c in cls(**(data.get("init_args") or {})).classes]
+    except Exception:  # captions then fall back to "class N"
+        return None
+
+
+def _captions(path: Path, meta: dict[str, Any] | None = None) -> dict[int, str]:
+    """Per image index, its caption: the class name, else the (shortened) prompt, else ``class N``."""
     try:
         from bigain.runs import RunFolder
 
-        parquet = path / "records.parquet"
-        if parquet.is_file():
-            import pandas as pd
-
-            records = pd.read_parquet(parquet)
-        else:
-            records = RunFolder(path).merged_records()
+        records = RunFolder(path).records()
     except Exception:  # records are optional here: the images are what is shown
         return {}
+    if "index" not in records or not len(records):
+        return {}
+    rows = records.to_dict("records")
+    known = lambda v: isinstance(v, str) and v != ""  # noqa: E731
+    prompts = {int(r["index"]): r["prompt"] for r in rows if known(r.get("prompt"))}
+    short = dict(zip(prompts, distinguishing_parts(list(prompts.values()))))
+    classes = None
     out = {}
-    for _, row in records.iterrows():
-        for key, fmt in (("prompt", "{}"), ("class_name", "{}"), ("label", "class {}")):
-            value = row.get(key)
-            if value is not None and value == value and "index" in row:
-                out[int(row["index"])] = fmt.format(value)
-                break
+    for row in rows:
+        index = int(row["index"])
+        label = row.get("label")
+        if known(row.get("class_name")):
+            out[index] = row["class_name"]
+        elif index in short:
+            out[index] = short[index]
+        elif label is not None and label == label:
+            if classes is None:
+                classes = _datamodule_classes(meta or {}) or []
+            out[index] = classes[int(label)] if 0 <= int(label) < len(classes) else f"class {int(label)}"
     return out
+
+
+def _wrap(text: str, width: int, lines: int = 2) -> list[str]:
+    """``text`` in at most ``lines`` lines of ``width`` characters, the last cut with "..." if needed."""
+    import textwrap
+
+    wrapped = textwrap.wrap(text, width=max(4, width), break_long_words=True) or [""]
+    if len(wrapped) > lines:
+        last = " ".join(wrapped[lines - 1:])
+        wrapped = wrapped[:lines - 1] + [last[: max(1, width - 3)].rstrip() + "..."]
+    return wrapped
 
 
 def load_generation_run(path: str | Path) -> GenerationRun:
@@ -94,7 +157,7 @@ def load_generation_run(path: str | Path) -> GenerationRun:
         raise RunFolderError(f"{root} has no generated images (images/NNNNNN.png); let the run finish or "
                              f"resume it, then try again")
     options = model.get("compressor_options") or {}
-    return GenerationRun(root, str(method), dict(options), images, _captions(root))
+    return GenerationRun(root, str(method), dict(options), images, _captions(root, meta))
 
 
 def common_indices(runs: Sequence[GenerationRun], *, indices: Sequence[int] | None = None,
@@ -139,8 +202,7 @@ def plot_samples(runs: Sequence[GenerationRun], indices: Sequence[int], path: st
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
-                caption = runs[0].captions.get(index, "")
-                caption = caption if len(caption) <= 28 else caption[:26] + "..."
+                caption = "\n".join(_wrap(runs[0].captions.get(index, ""), 24))
                 ax.set_title(f"#{index}" + (f"\n{caption}" if caption else ""), fontsize=8)
             if c == 0:
                 ax.set_ylabel(label, fontsize=8, rotation=0, ha="right", va="center", labelpad=8)
@@ -164,3 +226,57 @@ def write_samples(run_dirs: Sequence[str | Path], out_dir: str | Path, *, indice
     out.mkdir(parents=True, exist_ok=True)
     path = plot_samples(runs, chosen, out / "samples.png")
     return {"files": [path], "indices": chosen, "runs": [r.path for r in _order(runs)]}
+
+
+def write_contact_sheet(path: str | Path, images: Sequence[Any], captions: Sequence[str], *, columns: int = 8,
+                        tile: int = 128) -> Path:
+    """A grid of (up to 64) images, each with its caption under it in up to two lines (cut with
+    "..." only past that), written to a temporary name and renamed. ``images``: uint8 ``[3, H, W]``
+    tensors, arrays or PIL images; ``captions``: e.g. ``"12: circle"`` (see :func:`_captions`)."""
+    import os
+
+    from PIL import Image, ImageDraw, ImageFont
+
+    path = Path(path)
+    n = min(len(images), 64)
+    if n == 0:
+        raise ConfigError("a contact sheet needs at least one image")
+    columns = max(1, min(columns, n))
+    rows = -(-n // columns)
+    font = ImageFont.load_default()
+    sheet = Image.new("RGB", (columns * tile, rows * (tile + 27)), "white")
+    draw = ImageDraw.Draw(sheet)
+    sample = "horizontal stripes"
+    width = max(4, int((tile - 4) * len(sample) / max(1.0, draw.textlength(sample, font=font))))  # chars per line
+    strip = 27
+    for k in range(n):
+        img = images[k]
+        if not isinstance(img, Image.Image):
+            array = img.permute(1, 2, 0).numpy() if hasattr(img, "permute") else np.asarray(img)
+            img = Image.fromarray(array)
+        img = img.convert("RGB")
+        img = img.resize((tile, tile), Image.NEAREST if img.width < tile else Image.BICUBIC)
+        x, y = (k % columns) * tile, (k // columns) * (tile + strip)
+        sheet.paste(img, (x, y))
+        text = str(captions[k]).encode("ascii", "replace").decode()  # the fallback bitmap font is Latin-1 only
+        for i, line in enumerate(_wrap(text, width)):
+            draw.text((x + 2, y + tile + 1 + 12 * i), line, fill="black", font=font)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    sheet.save(tmp, format="PNG")
+    os.replace(tmp, path)  # never half a sheet
+    return path
+
+
+def write_run_contact_sheet(run_dir: str | Path, path: str | Path | None = None, *, max_images: int = 64,
+                            columns: int = 8) -> Path:
+    """The contact sheet of one generation run folder (default ``<run>/contact_sheet.png``): its
+    first ``max_images`` images by index, each captioned ``"<index>: <class name or caption>"``."""
+    from PIL import Image
+
+    run = load_generation_run(run_dir)
+    indices = sorted(run.images)[:max_images]
+    images = [Image.open(run.images[i]) for i in indices]
+    captions = [f"{i}: {run.captions.get(i, '')}".rstrip(": ") for i in indices]
+    return write_contact_sheet(Path(path) if path else run.path / "contact_sheet.png", images, captions,
+                               columns=columns)
