@@ -13,9 +13,39 @@ import subprocess
 import sys
 from pathlib import Path
 
-__all__ = ["cpu_bf16_flags", "native_bf16_cpu", "auto_dtype", "cpu_description"]
+__all__ = ["cpu_bf16_flags", "native_bf16_cpu", "auto_dtype", "cpu_description", "canonical_dtype", "DTYPE_NAMES"]
 
 _X86_BF16 = ("amx_bf16", "avx512_bf16")
+
+#: Every accepted spelling of a dtype -> the one bigain prints and records (PyTorch's name).
+DTYPE_NAMES: dict[str, str] = {
+    "float32": "float32", "fp32": "float32",
+    "float16": "float16", "fp16": "float16",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+}
+
+
+def canonical_dtype(name: object, *, allow_auto: bool = False) -> str:
+    """One spelling for a dtype: ``fp32``/``float32`` -> ``float32``, ``fp16``/``float16`` ->
+    ``float16``, ``bf16``/``bfloat16`` -> ``bfloat16`` (case and a ``torch.`` prefix ignored).
+
+    Args:
+        name: the dtype as a user wrote it (a string, or a ``torch.dtype``).
+        allow_auto: also accept ``auto`` (returned as is), where a command picks the dtype itself.
+
+    Raises:
+        ConfigError: for any other value, listing the accepted spellings.
+    """
+    from bigain.errors import ConfigError
+
+    text = str(name).strip().lower()
+    text = text[len("torch."):] if text.startswith("torch.") else text
+    if allow_auto and text == "auto":
+        return "auto"
+    if text in DTYPE_NAMES:
+        return DTYPE_NAMES[text]
+    accepted = "float32 (or fp32), float16 (fp16), bfloat16 (bf16)" + (", auto" if allow_auto else "")
+    raise ConfigError(f"dtype must be one of {accepted}; got {name!r}")
 
 
 def cpu_bf16_flags(cpuinfo: str | None = None) -> list[str]:

@@ -107,7 +107,7 @@ def test_one_sigint_stops_bigain_sweep_and_a_second_run_completes_it(dit_path, t
     spec = sweep_spec(dit_path)
     config = tmp_path / "sweep.yaml"
     config.write_text(yaml.safe_dump({**spec, "out": str(tmp_path / "sw")}))
-    command = [sys.executable, "-m", "bigain.cli", "sweep", "--config", str(config), "--no-report"]
+    command = [sys.executable, "-m", "bigain.cli", "sweep", "--config", str(config), "--no_report"]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     first = tmp_path / "sw" / "classify" / "toy" / "none"
     wait_for_records(proc, first)

@@ -60,6 +60,6 @@ def test_sweep_command_writes_the_report(dit_path, tmp_path):
 
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump({**spec(dit_path, ["none", "todo"]), "out": str(tmp_path / "sw")}))
-    assert main(["sweep", "--config", str(path), "--in-process"]) == 0
+    assert main(["sweep", "--config", str(path), "--in_process"]) == 0
     assert (tmp_path / "sw" / "report" / "summary.md").is_file()
     assert "todo" in (tmp_path / "sw" / "report" / "summary.md").read_text()

@@ -59,7 +59,7 @@ def test_demo_quick_end_to_end(tmp_path):
 
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out), "--methods", "tome", "bigain_tm", "--images", "10",
-                 "--gen-per-class", "1", "--dtype", "bfloat16"]) == 0
+                 "--gen_per_class", "1", "--dtype", "bfloat16"]) == 0
     report = (out / "report.md").read_text()
     assert "## What the numbers show" in report and "## Settings" in report
     assert "Classification at merge ratio 0.7: tome" in report
@@ -103,8 +103,8 @@ def test_toy_train_can_keep_the_shipped_classifier(tmp_path, capsys):
 
     from bigain.cli import main
 
-    args = ["toy", "train", "--out", str(tmp_path), "--steps", "1", "--batch-size", "2",
-            "--classifier-steps", "0", "--no-eval"]
+    args = ["toy", "train", "--out", str(tmp_path), "--steps", "1", "--batch_size", "2",
+            "--classifier_steps", "0", "--no_eval"]
     assert main(args) != 0  # no classifier to keep in an empty folder: a clear error, nothing trained
     assert "no classifier.safetensors" in capsys.readouterr().err and not (tmp_path / "toy-dit").exists()
     shutil.copy(ASSETS / "classifier.safetensors", tmp_path)

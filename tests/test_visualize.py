@@ -204,7 +204,7 @@ def test_command_writes_merge_maps_spectrum_and_samples(tiny, tmp_path):
     tome_run = _fake_run(tmp_path / "gen-tome", "tome", {"ratio": 0.5}, [0, 1, 2, 3], seed=1)
     none_run = _fake_run(tmp_path / "gen-none", "none", {}, [1, 2, 3, 5], seed=2)
     out = tmp_path / "vis"
-    rc = main(["visualize", "--model-path", path, "--timestep", "300", "--index", "2", "--out", str(out),
+    rc = main(["visualize", "--model_path", path, "--timestep", "300", "--index", "2", "--out", str(out),
                "--runs", str(tome_run), str(none_run)])
     assert rc == 0
     names = ["none", "tome_ratio-0.5", "bigain_tm_ratio-0.5", "sito_ratio-0.5", "todo_factor-2", "bigain_td_factor-2"]
@@ -243,7 +243,7 @@ def test_command_errors_say_what_to_do(tiny, capsys):
     path, _ = tiny
     assert main(["visualize", "--what", "samples"]) == 2
     assert "--runs" in capsys.readouterr().err
-    assert main(["visualize", "--what", "merge-maps", "--model-path", path, "--layer", "7"]) == 2
+    assert main(["visualize", "--what", "merge-maps", "--model_path", path, "--layer", "7"]) == 2
     assert "between 0 and 3" in capsys.readouterr().err
-    assert main(["visualize", "--what", "spectrum", "--model-path", path, "--timestep", "1000"]) == 2
+    assert main(["visualize", "--what", "spectrum", "--model_path", path, "--timestep", "1000"]) == 2
     assert "[0, 999]" in capsys.readouterr().err

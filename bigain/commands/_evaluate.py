@@ -3,7 +3,9 @@ resume, per-rank writing and the final merge."""
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
+import json
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -18,6 +20,7 @@ from bigain.datamodules.base import BigainDataModule
 from bigain.datamodules.registry import datamodule_class_path
 from bigain.errors import BigainError, ConfigError
 from bigain.interrupts import Interrupted, forward_to, handle_signals, reinstall, requested
+from bigain.precision import canonical_dtype
 from bigain.runs import RankWatcher, RecordWriter, RunFolder, dead_rank_status, environment_info
 
 __all__ = ["run_evaluation", "EvalProgressBar", "translate_names", "model_meta"]
@@ -37,27 +40,33 @@ class EvalProgressBar(TQDMProgressBar):
             bar.set_postfix(postfix(), refresh=False)
 
 
+# flags whose value translate_names rewrites (the value follows the flag, or `=` joins them)
+_NAMED_FLAGS = ("--data", "--data.class_path", "--data.help", "--config", "-c", "--model.backbone_options")
+
+
 def translate_names(argv: Sequence[str]) -> list[str]:
-    """Let ``--data toy`` and ``data: toy`` / ``data: {class_path: toy}`` in config files name a
-    datamodule by its registered name (config files are passed on as YAML text)."""
+    """Let a datamodule be named by its registered name wherever LightningCLI takes a class path
+    (``--data toy``, ``--data.help toy``, ``data: toy`` / ``data: {class_path: toy}`` in a config
+    file, with ``--config FILE`` or ``--config=FILE``), and a backbone's dtype in any spelling
+    (``backbone_options: {dtype: bf16}`` -> ``bfloat16``). Config files are passed on as YAML text."""
     out: list[str] = []
     args = list(argv)
     i = 0
     while i < len(args):
-        arg = args[i]
-        if arg == "--data" and i + 1 < len(args):
-            out += [arg, datamodule_class_path(args[i + 1])]
-            i += 2
+        flag, eq, value = args[i].partition("=")
+        if flag not in _NAMED_FLAGS or (not eq and i + 1 >= len(args)):
+            out.append(args[i])
+            i += 1
             continue
-        if arg.startswith("--data="):
-            out.append("--data=" + datamodule_class_path(arg.split("=", 1)[1]))
-        elif arg in ("--config", "-c") and i + 1 < len(args) and Path(args[i + 1]).is_file():
-            out += [arg, _translate_config(Path(args[i + 1]))]
-            i += 2
-            continue
+        if not eq:
+            value = args[i + 1]
+        i += 1 if eq else 2
+        if flag in ("--config", "-c"):
+            out += [flag, _translate_config(Path(value)) if Path(value).is_file() else value]
+        elif flag == "--model.backbone_options":
+            out += [flag, _canonical_options(value)]
         else:
-            out.append(arg)
-        i += 1
+            out += [flag, datamodule_class_path(value)]
     return out
 
 
@@ -73,12 +82,27 @@ def _translate_config(path: Path) -> str:
     if not isinstance(cfg, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections (model, data, trainer, ...), "
                           f"not a {type(cfg).__name__}")
+    model = cfg.get("model")
+    options = model.get("backbone_options") if isinstance(model, dict) else None
+    if isinstance(options, dict) and isinstance(options.get("dtype"), str):
+        options["dtype"] = canonical_dtype(options["dtype"])
     data = cfg.get("data")
     if isinstance(data, str):
         cfg["data"] = {"class_path": datamodule_class_path(data)}
     elif isinstance(data, dict) and isinstance(data.get("class_path"), str):
         data["class_path"] = datamodule_class_path(data["class_path"])
     return yaml.safe_dump(cfg, sort_keys=False)
+
+
+def _canonical_options(text: str) -> str:
+    try:
+        options = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text  # LightningCLI reports it
+    if not (isinstance(options, dict) and isinstance(options.get("dtype"), str)):
+        return text
+    options["dtype"] = canonical_dtype(options["dtype"])
+    return json.dumps(options)
 
 
 def model_meta(run: RunFolder, model: Any, dm: BigainDataModule) -> dict[str, Any]:
@@ -100,6 +124,44 @@ def model_meta(run: RunFolder, model: Any, dm: BigainDataModule) -> dict[str, An
             "datamodule_plugin": DATAMODULES.describe_class(type(dm))}
 
 
+#: The Trainer options ``--help`` shows (the ones that matter for evaluation); ``--help_all`` shows every one.
+EVAL_TRAINER_OPTIONS = ("accelerator", "devices", "num_nodes", "strategy", "precision", "limit_predict_batches",
+                        "enable_progress_bar")
+
+
+class _HelpAll(argparse.Action):
+    """``--help_all``: the help with every option, the whole Lightning Trainer list included."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS,
+                 default: str = argparse.SUPPRESS, help: str | None = None) -> None:
+        super().__init__(option_strings=option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        parser.print_help()
+        parser.exit()
+
+
+def _evaluation_help(parser: LightningArgumentParser) -> None:
+    """Make ``--help`` lead with what matters for evaluation: the run folder, the model and the data
+    first, then only the Trainer options of :data:`EVAL_TRAINER_OPTIONS` (the others stay accepted)."""
+    keep = {"--trainer", *(f"--trainer.{name}" for name in EVAL_TRAINER_OPTIONS)}
+    hidden = 0
+    for action in parser._actions:
+        trainer = [o for o in action.option_strings if o.startswith("--trainer")]
+        if trainer and not keep & set(action.option_strings):
+            action.help = argparse.SUPPRESS
+            hidden += not trainer[0].endswith(".help")
+    for group in parser._action_groups:
+        if any(a.dest.startswith("trainer.") for a in group._group_actions):
+            parser._action_groups.remove(group)
+            parser._action_groups.append(group)  # after the model and the data
+            group.title = "Lightning Trainer (the options that matter for evaluation)"
+            group.description = (f"{hidden} more --trainer.* options (training-only ones among them) are accepted "
+                                 f"too and listed by --help_all.")
+            break
+    parser._actions.sort(key=lambda a: any(o.startswith("--trainer") for o in a.option_strings))  # usage order
+
+
 class _EvalCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--run_dir", type=str, default=None,
@@ -108,6 +170,18 @@ class _EvalCLI(LightningCLI):
                             help="delete the results a run folder holds and start again")
         parser.add_argument("--resume", type=bool, default=False,
                             help="keep the results of a run folder even if its configuration differs")
+        parser.add_argument("--help_all", action=_HelpAll,
+                            help="show the help with every option, all the Lightning Trainer ones included, and exit")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        if isinstance(args, list) and {"-h", "--help"} & set(args) and "--help_all" not in args:
+            _evaluation_help(parser)
+        super().parse_arguments(parser, args)
+
+    def before_instantiate_classes(self) -> None:
+        options = self.config.model.get("backbone_options")
+        if isinstance(options, dict) and isinstance(options.get("dtype"), str):  # e.g. --model CONFIG files
+            options["dtype"] = canonical_dtype(options["dtype"])
 
 
 def _data_result_config(cfg_data: Any) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 Configured LightningCLI-style: `bigain classify --config run.yaml`, every option overridable by a
 flag (`--model.compressor tome --model.compressor_options '{ratio: 0.7}' --data toy
---trainer.devices 2`); `--print_config` shows the full configuration. Results go to --run_dir:
+--trainer.devices 2`); `--print_config` shows the full configuration. --help lists the options
+that matter for evaluation, --help_all every Lightning Trainer option too. Results go to --run_dir:
 records.parquet, summary.csv / summary.md, run.json. Ctrl-C (SIGINT) or SIGTERM stops a run
 within seconds (exit status 130 / 143, every rank, finished records kept); it resumes where it
 stopped when started again with the same configuration.

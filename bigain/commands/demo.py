@@ -11,35 +11,39 @@ status 130) and the same command continues it. --quick runs a smaller version
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any, Literal
 
 from bigain.backbones.base import COMPILE_MODES
+from bigain.commands._parser import DTypeOrAuto, new_parser
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def build_parser():
+    parser = new_parser("demo", __doc__)
     parser.add_argument("--quick", action="store_true", help="fewer images and a shorter protocol (about 2 minutes)")
-    parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    parser.add_argument("--images", type=int, default=None, help="classification images (default 100; quick 30)")
-    parser.add_argument("--gen-per-class", type=int, default=None,
+    parser.add_argument("--out", type=str, default="runs/demo", help="output folder")
+    parser.add_argument("--images", type=int | None, default=None, help="classification images (default 100; quick 30)")
+    parser.add_argument("--gen_per_class", type=int | None, default=None,
                         help="generated images per class (default 4; quick 2)")
-    parser.add_argument("--methods", nargs="+", default=None, metavar="NAME",
+    parser.add_argument("--methods", type=str, nargs="+", default=None, metavar="NAME",
                         help="only these compressors (plus none), e.g. --methods tome bigain_tm")
-    parser.add_argument("--tasks", nargs="+", choices=["classify", "generate"], default=["classify", "generate"])
-    parser.add_argument("--accelerator", default="auto", help="auto (a GPU when there is one), cpu, gpu")
-    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                        help="precision the toy model runs in; auto: bfloat16 on a CPU that computes it natively "
-                             "(AMX / AVX-512 BF16 / ARM BF16), float32 on other CPUs (where bfloat16 is emulated "
-                             "and several times slower) and on a GPU; report.md says which and why. Noising and "
-                             "losses stay float32")
-    parser.add_argument("--compile", choices=list(COMPILE_MODES), default="none",
+    parser.add_argument("--tasks", type=Literal["classify", "generate"], nargs="+", default=["classify", "generate"],
+                        help="the jobs to run")
+    parser.add_argument("--accelerator", type=str, default="auto", help="auto (a GPU when there is one), cpu, gpu")
+    parser.add_argument("--dtype", type=DTypeOrAuto, default="auto",
+                        help="precision the toy model runs in: auto, float32 (fp32), bfloat16 (bf16) or float16 "
+                             "(fp16); auto: bfloat16 on a CPU that computes it natively (AMX / AVX-512 BF16 / ARM "
+                             "BF16), float32 on other CPUs (where bfloat16 is emulated and several times slower) "
+                             "and on a GPU; report.md says which and why. Noising and losses stay float32")
+    parser.add_argument("--compile", type=Literal[COMPILE_MODES], default="none",
                         help="run the compressed toy model through torch.compile in this mode (none: eager); "
                              "finished runs are reused either way, the results do not depend on it")
+    return parser
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: Any) -> int:
     import pandas as pd
     from tqdm import tqdm
 
@@ -49,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     why = "chosen with --dtype"
+    args.dtype = str(args.dtype)
     if args.dtype == "auto":
         import torch
 

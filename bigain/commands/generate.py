@@ -3,7 +3,8 @@ class fidelity).
 
 Configured LightningCLI-style: `bigain generate --config run.yaml`, every option overridable by a
 flag (`--model.compressor tome --model.steps 50 --data toy --trainer.devices 2`); `--print_config`
-shows the full configuration. Results go to --run_dir: images/{index:06d}.png, records.parquet,
+shows the full configuration. --help lists the options that matter for evaluation, --help_all
+every Lightning Trainer option too. Results go to --run_dir: images/{index:06d}.png, records.parquet,
 contact_sheet.png, summary.csv / summary.md, run.json (with every metric's details and the
 extractor that produced it). Ctrl-C (SIGINT) or SIGTERM stops a run within seconds (exit status
 130 / 143, finished images kept); it resumes where it stopped when started again with the same

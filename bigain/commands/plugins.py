@@ -6,18 +6,21 @@ Set BIGAIN_DISABLE_PLUGIN_AUTOLOAD=1 to see only bigain's own plugins.
 
 from __future__ import annotations
 
-import argparse
 import json
+from typing import Any
 
 from bigain.adapters import ADAPTERS
+from bigain.commands._parser import new_parser
 from bigain.registry import plugin_report
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def build_parser():
+    parser = new_parser("plugins", __doc__)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return parser
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: Any) -> int:
     groups = {"compressor": plugin_report(), "adapter": ADAPTERS.report()}
     ok = all(r.ok for rows in groups.values() for r in rows)
     if args.json:

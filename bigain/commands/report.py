@@ -8,25 +8,32 @@ never paired silently: the report says so.
 
 from __future__ import annotations
 
-import argparse
+from typing import Any
 
-from bigain.reporting import write_report
+from bigain.commands._parser import new_parser
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("paths", nargs="+", metavar="RUN_OR_SWEEP_DIR")
-    parser.add_argument("--out", default=None, help="output folder (default: the first path's report/ folder)")
-    parser.add_argument("--baseline", default="none", help="method every run is compared with (default none)")
-    parser.add_argument("--title", default="bigain report")
-    parser.add_argument("--spectrum", default=None, metavar="CSV",
+def build_parser():
+    parser = new_parser("report", __doc__)
+    parser.add_argument("paths", type=str, nargs="+", metavar="RUN_OR_SWEEP_DIR",
+                        help="run folders, or sweep folders holding them")
+    parser.add_argument("--out", type=str | None, default=None,
+                        help="output folder (default: the first path's report/ folder)")
+    parser.add_argument("--baseline", type=str, default="none", help="method every run is compared with")
+    parser.add_argument("--title", type=str, default="bigain report", help="the report's title")
+    parser.add_argument("--spectrum", type=str | None, default=None, metavar="CSV",
                         help="add the frequency-retention table of `bigain visualize` (its spectrum.csv)")
+    return parser
 
 
-def run(args: argparse.Namespace) -> int:
+def run(cfg: Any) -> int:
     from pathlib import Path
 
-    out = Path(args.out) if args.out else Path(args.paths[0]) / "report"
-    result = write_report(args.paths, out, baseline=args.baseline, title=args.title, spectrum=args.spectrum)
+    from bigain.reporting import write_report
+
+    paths = [str(p) for p in cfg.paths]
+    out = Path(cfg.out) if cfg.out else Path(paths[0]) / "report"
+    result = write_report(paths, out, baseline=cfg.baseline, title=cfg.title, spectrum=cfg.spectrum)
     print(result["markdown"])
     print(f"written to {out}")
     return 0

@@ -1,67 +1,99 @@
 """Train, evaluate and document the bundled toy models.
 
-  bigain toy train [--out DIR]      train the toy classifier (a few minutes) and the toy DiT (just
-                                    under an hour on 2 CPU cores), then evaluate them and write
-                                    MODEL_CARD.md; --classifier-steps 0 keeps the classifier in DIR
-  bigain toy evaluate [--assets DIR] measure the models again and rewrite MODEL_CARD.md
+  bigain toy train [--out DIR]        train the toy classifier (a few minutes) and the toy DiT (just
+                                      under an hour on 2 CPU cores) into DIR (default runs/toy-train),
+                                      then evaluate them and write DIR/MODEL_CARD.md;
+                                      --classifier_steps 0 keeps the classifier already in DIR
+  bigain toy evaluate [--assets DIR]  measure the models in DIR again and rewrite its MODEL_CARD.md
+                                      (default: the bundled models, in the package's assets folder)
 
-DIR defaults to the package's own assets folder (bigain/toy/assets), which is what `bigain demo`
-and the `toy` backbone load.
+The models bigain ships (what `bigain demo` and the `toy` backbone load) are in the package's assets
+folder; training never writes there. To use models you trained, point the toy backbone at them:
+`--model.backbone_options '{path: DIR/toy-dit}'` (and `toy:DIR/classifier.safetensors` as feature
+extractor or fidelity classifier). `bigain toy train --help` lists the options of each action.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any, Literal
 
+from bigain.commands._parser import DType, new_parser
 from bigain.errors import BigainError
 from bigain.toy.evaluate import ASSETS
 
+#: Where ``bigain toy train`` writes unless told otherwise (relative to the working directory).
+DEFAULT_TRAIN_DIR = "runs/toy-train"
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("action", choices=["train", "evaluate"])
-    parser.add_argument("--out", "--assets", dest="assets", default=str(ASSETS), help="models folder")
-    parser.add_argument("--steps", type=int, default=9000, help="DiT training steps (train)")
-    parser.add_argument("--batch-size", type=int, default=32, help="DiT training batch size (train)")
-    parser.add_argument("--classifier-steps", type=int, default=600,
-                        help="classifier training steps (train); 0 keeps the classifier already in the models "
-                             "folder")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--loss-weighting", choices=["min_snr", "p2", "none"], default="min_snr",
-                        help="weighting of the DiT's epsilon loss over noise levels: min-SNR-5, P2 (favours the "
-                             "high-noise steps where shapes form) or none (train)")
-    parser.add_argument("--init-from", default=None, metavar="DIR",
-                        help="continue training from a saved toy DiT folder (holding transformer/) instead of "
-                             "starting from scratch (train)")
+
+def _evaluation_options(parser) -> None:
     parser.add_argument("--images", type=int, default=500, help="test images for the diffusion-classifier accuracy")
-    parser.add_argument("--fidelity-per-class", type=int, default=20, help="generated samples per class")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16",
-                        help="precision of the evaluation forwards (default bfloat16: same accuracy, faster on CPUs)")
-    parser.add_argument("--no-eval", action="store_true", help="train only (no metrics, no model card)")
+    parser.add_argument("--fidelity_per_class", type=int, default=20, help="generated samples per class")
+    parser.add_argument("--dtype", type=DType, default="bfloat16",
+                        help="precision of the evaluation forwards: float32 (fp32), bfloat16 (bf16) or float16 "
+                             "(fp16); bfloat16 has the same accuracy and is faster on CPUs")
+
+
+def build_parser():
+    parser = new_parser("toy", __doc__)
+    actions = parser.add_subcommands(dest="action")
+    train = new_parser("toy train", "Train the toy classifier and the toy DiT into --out, then evaluate them and "
+                                    "write MODEL_CARD.md there.")
+    train.add_argument("--out", type=str, default=DEFAULT_TRAIN_DIR,
+                       help="the folder the models, training logs and model card are written to")
+    train.add_argument("--steps", type=int, default=9000, help="DiT training steps")
+    train.add_argument("--batch_size", type=int, default=32, help="DiT training batch size")
+    train.add_argument("--classifier_steps", type=int, default=600,
+                       help="classifier training steps; 0 keeps the classifier already in --out")
+    train.add_argument("--seed", type=int, default=0, help="seed of training and evaluation")
+    train.add_argument("--loss_weighting", type=Literal["min_snr", "p2", "none"], default="min_snr",
+                       help="weighting of the DiT's epsilon loss over noise levels: min-SNR-5, P2 (favours the "
+                            "high-noise steps where shapes form) or none")
+    train.add_argument("--init_from", type=str | None, default=None, metavar="DIR",
+                       help="continue training from a saved toy DiT folder (holding transformer/) instead of "
+                            "starting from scratch")
+    _evaluation_options(train)
+    train.add_argument("--no_eval", action="store_true", help="train only (no metrics, no model card)")
+    evaluate = new_parser("toy evaluate", "Measure the toy models in --assets again and rewrite the "
+                                          "MODEL_CARD.md and metrics.json there.")
+    evaluate.add_argument("--assets", type=str | None, default=None,
+                          help="the models folder (default null: the bundled models, in the package's assets folder)")
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of the evaluation")
+    _evaluation_options(evaluate)
+    actions.add_subcommand("train", train, help="train the toy models into --out (default runs/toy-train)")
+    actions.add_subcommand("evaluate", evaluate, help="measure the models in --assets again, rewrite MODEL_CARD.md")
+    return parser
+
+
+def _train_command(args: Any) -> str:
+    """The command line that reproduces a training run (recorded in metrics.json and the card)."""
+    return ("bigain toy train" + (f" --out {args.out}" if args.out != DEFAULT_TRAIN_DIR else "")
+            + f" --steps {args.steps} --batch_size {args.batch_size} --classifier_steps {args.classifier_steps}"
+            + f" --loss_weighting {args.loss_weighting} --seed {args.seed}")
 
 
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def run(args: argparse.Namespace) -> int:
+def run(cfg: Any) -> int:
     from bigain.toy.evaluate import class_fidelity, classifier_accuracy, diffusion_classifier_accuracy, write_model_card
     from bigain.toy.train import train_toy_classifier, train_toy_dit
 
-    assets = Path(args.assets)
-    command = ("bigain toy train" + (f" --out {args.assets}" if args.assets != str(ASSETS) else "")
-               + f" --steps {args.steps} --batch-size {args.batch_size} --classifier-steps {args.classifier_steps}"
-               + f" --loss-weighting {args.loss_weighting} --seed {args.seed}")
-    if args.action == "train":
+    args = cfg[cfg.action]
+    args.dtype = str(args.dtype)
+    if cfg.action == "train":
+        assets = Path(args.out)
+        command = _train_command(args)
         start = time.perf_counter()
         if args.classifier_steps > 0:
             train_toy_classifier(assets, steps=args.classifier_steps, seed=args.seed,
                                  progress=lambda s, r: _log(f"classifier step {s}: loss {r['loss']:.4f}"))
         elif not (assets / "classifier.safetensors").is_file():
-            raise BigainError(f"--classifier-steps 0 keeps the toy classifier in {assets}, but there is no "
-                              "classifier.safetensors there: train one (--classifier-steps 600) or copy it in")
+            raise BigainError(f"--classifier_steps 0 keeps the toy classifier in {assets}, but there is no "
+                              "classifier.safetensors there: train one (--classifier_steps 600) or copy it in")
         train_toy_dit(assets, steps=args.steps, batch_size=args.batch_size, seed=args.seed, init_from=args.init_from,
                       loss_weighting=args.loss_weighting,
                       progress=lambda s, r: _log(f"dit step {s}: loss {r['loss_smoothed']:.4f} ({r['seconds']} s)"))
@@ -69,8 +101,10 @@ def run(args: argparse.Namespace) -> int:
         if args.no_eval:
             return 0
     else:
+        assets = Path(args.assets or ASSETS)
+        command = "bigain toy evaluate" + (f" --assets {args.assets}" if args.assets else "")
         meta = assets / "metrics.json"
-        if meta.is_file():
+        if meta.is_file():  # the card keeps the command that trained the models
             import json
 
             command = json.loads(meta.read_text()).get("command", command)

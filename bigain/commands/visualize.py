@@ -11,7 +11,7 @@ samples     generation run folders side by side, one row per method, uncompresse
             (OUT/samples.png).
 
 The model is the bundled toy DiT (default; runs on CPU in seconds) or a DiT / Stable Diffusion
-checkpoint given with --model-path. Methods are `name[:key=value,...]`; --ratio and --factor fill in
+checkpoint given with --model_path. Methods are `name[:key=value,...]`; --ratio and --factor fill in
 the methods that take them. Example:
 
     bigain visualize --what all --index 3 --timestep 300 --runs runs/gen-none runs/gen-tome
@@ -19,45 +19,51 @@ the methods that take them. Example:
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
+from typing import Any, Literal
 
+from bigain.commands._parser import DType, new_parser
 from bigain.errors import ConfigError
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def build_parser():
     from bigain.analysis.probe import DEFAULT_METHODS
 
-    parser.add_argument("--what", choices=["merge-maps", "spectrum", "samples", "all"], default="all",
-                        help="which figures to draw (default all; samples only when --runs is given)")
-    parser.add_argument("--model", choices=["toy", "dit", "stable-diffusion"], default="toy",
-                        help="toy (the bundled toy DiT, default), or the family of --model-path (detected if toy)")
-    parser.add_argument("--model-path", default=None, help="a DiT or Stable Diffusion checkpoint folder or hub id")
-    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
-    parser.add_argument("--device", default="cpu", help="where to run the model (default cpu)")
-    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), metavar="METHOD",
-                        help="methods as name[:key=value,...] (default: %(default)s)")
-    parser.add_argument("--ratio", type=float, default=0.5, help="ratio of the merge/prune methods (default 0.5)")
-    parser.add_argument("--factor", type=int, default=2, help="factor of the key/value methods (default 2)")
-    parser.add_argument("--layer", type=int, default=None,
+    parser = new_parser("visualize", __doc__)
+    parser.add_argument("--what", type=Literal["merge-maps", "spectrum", "samples", "all"], default="all",
+                        help="which figures to draw (samples only when --runs is given)")
+    parser.add_argument("--model", type=Literal["toy", "dit", "stable-diffusion"], default="toy",
+                        help="toy (the bundled toy DiT), or the family of --model_path (detected if toy)")
+    parser.add_argument("--model_path", type=str | None, default=None,
+                        help="a DiT or Stable Diffusion checkpoint folder or hub id")
+    parser.add_argument("--dtype", type=DType, default="float32",
+                        help="float32 (fp32), float16 (fp16) or bfloat16 (bf16)")
+    parser.add_argument("--device", type=str, default="cpu", help="where to run the model")
+    parser.add_argument("--methods", type=str, nargs="+", default=list(DEFAULT_METHODS), metavar="METHOD",
+                        help="methods as name[:key=value,...]")
+    parser.add_argument("--ratio", type=float, default=0.5, help="ratio of the merge/prune methods")
+    parser.add_argument("--factor", type=int, default=2, help="factor of the key/value methods")
+    parser.add_argument("--layer", type=int | None, default=None,
                         help="merge maps: layer index (default: the first layer the default application compresses)")
-    parser.add_argument("--layers", default="all", help="spectrum: layer indices, e.g. 1,2,3, or all (default)")
-    parser.add_argument("--spectrum-mode", choices=["isolated", "joint"], default="isolated",
-                        help="spectrum: compress one layer at a time (default) or all --layers at once")
-    parser.add_argument("--timestep", type=int, default=500, help="diffusion timestep (default 500)")
-    image = parser.add_mutually_exclusive_group()
-    image.add_argument("--index", type=int, default=0, help="toy test image index (default 0)")
-    image.add_argument("--image", default=None, help="an image file instead of a toy test image")
-    parser.add_argument("--label", type=int, default=None,
+    parser.add_argument("--layers", type=str, default="all", help="spectrum: layer indices, e.g. 1,2,3, or all")
+    parser.add_argument("--spectrum_mode", type=Literal["isolated", "joint"], default="isolated",
+                        help="spectrum: compress one layer at a time (isolated) or all --layers at once (joint)")
+    parser.add_argument("--timestep", type=int, default=500, help="diffusion timestep")
+    parser.add_argument("--index", type=int | None, default=None,
+                        help="toy test image index (default 0; not with --image)")
+    parser.add_argument("--image", type=str | None, default=None, help="an image file instead of a toy test image")
+    parser.add_argument("--label", type=int | None, default=None,
                         help="class id to condition on (default: the toy image's label, or 0)")
-    parser.add_argument("--prompt", default=None, help="prompt to condition a text model on (default: the toy "
-                                                       "image's class prompt, or empty)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the noise and of the compressors (default 0)")
-    parser.add_argument("--runs", nargs="+", default=None, metavar="RUN_DIR", help="samples: generation run folders")
-    parser.add_argument("--sample-indices", nargs="+", type=int, default=None, metavar="INDEX",
-                        help="samples: image indices to show (default: the first --max-samples shared ones)")
-    parser.add_argument("--max-samples", type=int, default=8, help="samples: columns at most (default 8)")
-    parser.add_argument("--out", default="runs/visualize", help="output folder (default runs/visualize)")
+    parser.add_argument("--prompt", type=str | None, default=None,
+                        help="prompt to condition a text model on (default: the toy image's class prompt, or empty)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the noise and of the compressors")
+    parser.add_argument("--runs", type=str, nargs="+", default=None, metavar="RUN_DIR",
+                        help="samples: generation run folders")
+    parser.add_argument("--sample_indices", type=int, nargs="+", default=None, metavar="INDEX",
+                        help="samples: image indices to show (default: the first --max_samples shared ones)")
+    parser.add_argument("--max_samples", type=int, default=8, help="samples: columns at most")
+    parser.add_argument("--out", type=str, default="runs/visualize", help="output folder")
+    return parser
 
 
 def _layers(text: str) -> list[int] | None:
@@ -69,9 +75,12 @@ def _layers(text: str) -> list[int] | None:
         raise ConfigError(f"--layers must be 'all' or comma-separated layer indices like 1,2,3; got {text!r}") from exc
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: Any) -> int:
     from bigain.analysis.probe import load_backbone, load_image, parse_methods, probe_backbone, toy_image
 
+    if args.index is not None and args.image is not None:
+        raise ConfigError("give --index (a toy test image) or --image (an image file), not both")
+    index = 0 if args.index is None else args.index
     out = Path(args.out)
     want = {"merge-maps", "spectrum", "samples"} if args.what == "all" else {args.what}
     if args.what == "samples" and not args.runs:
@@ -84,12 +93,12 @@ def run(args: argparse.Namespace) -> int:
         if args.image is not None:
             image, label, prompt = load_image(args.image), 0, ""
         else:
-            image, label, prompt = toy_image(args.index)
-        backbone = load_backbone(model=args.model, path=args.model_path, dtype=args.dtype, device=args.device)
+            image, label, prompt = toy_image(index)
+        backbone = load_backbone(model=args.model, path=args.model_path, dtype=str(args.dtype), device=args.device)
         probe = probe_backbone(backbone, image, timestep=args.timestep,
                                label=label if args.label is None else args.label,
                                prompt=prompt if args.prompt is None else args.prompt, seed=args.seed)
-        source = Path(args.image).name if args.image is not None else f"toy test image {args.index}"
+        source = Path(args.image).name if args.image is not None else f"toy test image {index}"
         probe.description = f"{probe.description}, {source}"
         if "merge-maps" in want:
             from bigain.analysis.merge_maps import write_merge_maps
