@@ -2,10 +2,11 @@
 
 The wall clock of an image includes data loading, encoding, the scheduler, Python overhead and
 whatever else the machine is doing; the compressors only change the denoiser. :class:`ForwardTimer`
-times exactly the denoiser calls: on CUDA with a pair of ``torch.cuda.Event`` s recorded on the
-current stream around each call (the GPU's own time, with no host synchronisation per call), on
-the CPU with ``time.perf_counter``. It times *around* the call, never inside it, so a
-``torch.compile`` d denoiser (CUDA graphs included) is timed as it runs, with no graph break.
+times exactly the denoiser calls: on CUDA with a pair of CUDA events (``torch.cuda.Event``)
+recorded on the current stream around each call (the GPU's own time, with no host
+synchronisation per call), on the CPU with ``time.perf_counter``. It times *around* the call,
+never inside it, so a denoiser compiled with ``torch.compile`` (CUDA graphs included) is timed as
+it runs, with no graph break.
 """
 
 from __future__ import annotations
