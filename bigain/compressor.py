@@ -43,11 +43,18 @@ class Compressed:
         context: ``[B, Nk, C]`` tokens keys and values are computed from. Return the *same object*
             as ``queries`` for plain self-attention over the compressed tokens.
         restore: maps the attention output ``[B, Nq, C']`` back to ``[B, N, C']``.
+        query_positions: ``[B, Nq, P]`` float32 positions of the queries, on the coordinates of
+            :attr:`LayerContext.positions`. Needed only when the context has positions (a family
+            with rotary position embeddings, such as Flux); ``None`` otherwise.
+        context_positions: ``[B, Nk, P]`` float32 positions of the context tokens (the same object
+            as ``query_positions`` when ``context`` is ``queries``).
     """
 
     queries: Tensor
     context: Tensor
     restore: Callable[[Tensor], Tensor] = _identity
+    query_positions: Tensor | None = None
+    context_positions: Tensor | None = None
 
     @classmethod
     def identity(cls, x: Tensor) -> Compressed:
@@ -83,6 +90,14 @@ class LayerContext:
         timestep_values: ``timesteps`` as Python floats, when a caller already has them on the host;
             only :attr:`generator` reads them. The framework never fills it (it never reads
             timesteps back to the host).
+        text_tokens: the number of text tokens of a joint-attention call (SD3, Flux), which attend
+            and are attended to beside ``x`` but are not part of it and are never compressed; 0 for
+            plain self-attention.
+        positions: ``[B, N, P]`` float32 positions of the tokens of ``x`` for a family that applies
+            rotary position embeddings inside attention (Flux: the ``img_ids`` coordinates), or
+            ``None``. When it is set, a compressor that compresses returns the positions of its
+            queries and context tokens (:attr:`Compressed.query_positions`, ``context_positions``),
+            computed with the same token operation it applies to ``x``.
     """
 
     name: str
@@ -94,6 +109,8 @@ class LayerContext:
     layer_index: int = 0
     num_train_timesteps: int = 1000
     timestep_values: tuple[float, ...] | None = None
+    text_tokens: int = 0
+    positions: Tensor | None = None
 
     @classmethod
     def for_tokens(
@@ -107,16 +124,27 @@ class LayerContext:
         level: int = 1,
         seed: int = 0,
         layer_index: int = 0,
+        positions: Tensor | None = None,
     ) -> LayerContext:
-        """Build a context for calling a compressor directly on ``x`` (tests, notebooks, analysis)."""
+        """Build a context for calling a compressor directly on ``x`` (tests, notebooks, analysis).
+
+        ``positions`` (``[N, P]`` or ``[B, N, P]``) are the tokens' coordinates, as a rotary family
+        passes them; ``None`` for the families without rotary embeddings.
+        """
         h, w = grid
         if h * w != x.shape[1]:
             raise ValueError(f"grid {grid} holds {h * w} tokens but x has {x.shape[1]}")
         t = torch.as_tensor(timesteps, dtype=torch.float32, device=x.device).reshape(-1)
         if t.numel() == 1:
             t = t.expand(x.shape[0])
+        if positions is not None:
+            positions = positions.to(device=x.device, dtype=torch.float32)
+            if positions.ndim == 2:
+                positions = positions.expand(x.shape[0], *positions.shape)
+            if positions.shape[:2] != x.shape[:2]:
+                raise ValueError(f"positions of shape {tuple(positions.shape)} do not match x {tuple(x.shape)}")
         return cls(name=name, grid=(int(h), int(w)), level=level, timesteps=t,
-                   metric=x if metric is None else metric, seed=seed, layer_index=layer_index)
+                   metric=x if metric is None else metric, seed=seed, layer_index=layer_index, positions=positions)
 
     @property
     def num_tokens(self) -> int:

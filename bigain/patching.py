@@ -12,6 +12,15 @@ processors keep working.
 Forward pre-hooks feed the contexts: one on the denoiser (the call's input size and timesteps) and,
 for the ``"block"`` metric, one on each selected transformer block (its input).
 
+Joint attention (SD3, Flux; :attr:`~bigain.adapters.AttentionSite.text`) carries text tokens beside
+the image tokens. Only the image tokens reach the compressor; the text tokens are handed to the
+processor as they came, so they attend to the compressed image tokens and are attended to by them,
+and their outputs keep their count. Keys and values of a key/value method reach a joint processor
+through pre-hooks on ``attn.to_k`` / ``attn.to_v`` that swap in the compressed context for that one
+call. For rotary families (Flux) the processor gets ``image_rotary_emb=None`` for a compressed call
+and forward hooks on ``attn.norm_q`` / ``norm_k`` (``norm_added_q`` / ``norm_added_k`` for the text)
+rotate queries and keys by the positions the compressor gave them, with the adapter's formula.
+
 A compressed forward traces as one ``torch.compile`` graph and never reads a tensor back to the
 host: timesteps stay tensors, grids and token counts come from shapes, randomness is a keyed hash
 (:mod:`bigain.keyed_random`), and per-call token counting happens only in eager mode (a compiled
@@ -70,26 +79,28 @@ class LayerStats:
     keys_values: float = 0.0
     skipped: str | None = None  # reason the last call was not compressed, if it was not
     traced: dict[str, Any] | None = None
+    text_tokens: float = 0.0  # text tokens beside the image tokens of a joint-attention call (never compressed)
 
-    def _record(self, n: int, nq: int, nk: int) -> None:
+    def _record(self, n: int, nq: int, nk: int, text: int = 0) -> None:
         self.calls += 1
         k = self.calls
         self.tokens_in += (n - self.tokens_in) / k
         self.queries += (nq - self.queries) / k
         self.keys_values += (nk - self.keys_values) / k
+        self.text_tokens += (text - self.text_tokens) / k
 
     def _reset(self) -> None:
         # in place: a compiled graph holds this object and would recompile for a new one
         self.grid, self.calls, self.compressed_calls, self.skipped, self.traced = None, 0, 0, None, None
-        self.tokens_in = self.queries = self.keys_values = 0.0
+        self.tokens_in = self.queries = self.keys_values = self.text_tokens = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "layer": self.layer, "level": self.level,
             "grid": list(self.grid) if self.grid else None, "calls": self.calls,
             "compressed_calls": self.compressed_calls, "tokens_in": self.tokens_in,
-            "queries": self.queries, "keys_values": self.keys_values, "skipped": self.skipped,
-            "traced": dict(self.traced) if self.traced else None,
+            "queries": self.queries, "keys_values": self.keys_values, "text_tokens": self.text_tokens,
+            "skipped": self.skipped, "traced": dict(self.traced) if self.traced else None,
         }
 
 
@@ -99,6 +110,8 @@ class _Layer:
     index: int
     stats: LayerStats = field(init=False)
     block_input: Tensor | None = None  # the block's input of the current call ("block" metric)
+    kv_input: Tensor | None = None  # what attn.to_k / attn.to_v see during a compressed joint call
+    rotary: dict[str, tuple[Tensor, Tensor]] | None = None  # rotary tables of a compressed rotary call
 
     def __post_init__(self) -> None:
         self.stats = LayerStats(self.site.name, self.site.level)
@@ -118,6 +131,7 @@ class _State:
         self.metric = metric
         self.size: tuple[int, int] | None = None
         self.timesteps: Tensor | float | None = None  # as the caller passed them
+        self.positions: Tensor | None = None  # image token coordinates of a rotary family
         self.enabled = True
 
 
@@ -153,6 +167,7 @@ class CompressingProcessor(nn.Module):
 
         __call__.__signature__ = inspect.signature(inner.__call__)
         self.__dict__["__call__"] = __call__
+        self.__dict__["_positional"] = _positional_names(inner)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -173,6 +188,9 @@ class CompressingProcessor(nn.Module):
         if t is None:
             return None
         t = torch.as_tensor(t, dtype=torch.float32, device=device).reshape(-1)
+        scale = self._state.adapter.timestep_scale
+        if scale != 1.0:
+            t = t * scale
         k = t.shape[0]
         if k == 1:
             return t.expand(batch)
@@ -182,41 +200,83 @@ class CompressingProcessor(nn.Module):
             return t.repeat(batch // k)
         return None
 
-    def _context(self, hidden_states: Tensor, args: tuple, kwargs: dict) -> tuple[LayerContext | None, str | None]:
+    def _bind(self, args: tuple, kwargs: dict) -> dict | None:
+        """The processor's arguments after ``(attn, hidden_states)`` by name (diffusers' Flux attention
+        passes them by position); ``None`` when they cannot be named."""
+        if not args:
+            return kwargs
+        names = self._positional
+        if len(args) > len(names) or any(name in kwargs for name in names[: len(args)]):
+            return None
+        return {**dict(zip(names, args)), **kwargs}
+
+    def _context(self, hidden_states: Tensor, call: dict | None) -> tuple[tuple | None, str | None]:
+        """``((x, text, ctx, rotary), None)`` for a call to compress, else ``(None, reason)``."""
         layer, state = self._layer, self._state
+        site = layer.site
         if not state.enabled:
             return None, "disabled"
-        if args or hidden_states.ndim != 3:
+        if call is None or hidden_states.ndim != 3:
             return None, "unexpected call signature"
-        if kwargs.get("encoder_hidden_states") is not None:
+        encoder = call.get("encoder_hidden_states")
+        if site.text == "none" and encoder is not None:
             return None, "called as cross-attention"
-        if kwargs.get("attention_mask") is not None:
+        if site.text == "encoder" and (not isinstance(encoder, Tensor) or encoder.ndim != 3):
+            return None, "joint attention called without text tokens"
+        if call.get("attention_mask") is not None:
             return None, "attention mask given"
-        n = hidden_states.shape[1]
-        grid = state.adapter.grid(layer.site, n, state.size) if state.size is not None else None
+        size = state.size
+        if size is None:
+            return None, f"token grid of {hidden_states.shape[1]} tokens unknown (input size unknown)"
+        text = None
+        if site.text == "prefix":  # [text | image] in one sequence; the image is the level-1 grid
+            s = hidden_states.shape[1] - size[0] * size[1]
+            if s < 0:
+                return None, f"{hidden_states.shape[1]} tokens cannot hold the {size[0]}x{size[1]} image grid"
+            text, x = hidden_states[:, :s], hidden_states[:, s:]
+        else:
+            x = hidden_states
+            if site.text == "encoder":
+                text, s = encoder, encoder.shape[1]
+            else:
+                s = 0
+        n = x.shape[1]
+        grid = state.adapter.grid(site, n, size)
         if grid is None:
-            return None, f"token grid of {n} tokens unknown (input size {state.size})"
+            return None, f"token grid of {n} tokens unknown (input size {size})"
         layer.stats.grid = grid
-        timesteps = self._timesteps(hidden_states.shape[0], hidden_states.device)
+        rotary, positions = None, None
+        if site.rotary:
+            rotary = call.get("image_rotary_emb")
+            if rotary is not None:
+                if not (isinstance(rotary, (tuple, list)) and len(rotary) == 2
+                        and all(isinstance(t, Tensor) and t.ndim == 2 and t.shape[0] == s + n for t in rotary)):
+                    return None, f"rotary embedding is not a (cos, sin) pair of [{s + n}, D] tables"
+                pos = state.positions
+                if not isinstance(pos, Tensor) or pos.ndim != 2 or pos.shape[0] != n:
+                    return None, f"positions of the {n} image tokens unknown"
+                positions = pos.to(device=x.device, dtype=torch.float32).expand(x.shape[0], n, pos.shape[1])
+        timesteps = self._timesteps(x.shape[0], x.device)
         if timesteps is None:
             return None, "timesteps unknown or not one per sample"
-        metric = hidden_states
-        if state.metric == "block" and layer.block_input is not None and layer.block_input.shape == hidden_states.shape:
+        metric = x
+        if state.metric == "block" and layer.block_input is not None and layer.block_input.shape == x.shape:
             metric = layer.block_input
-        ctx = LayerContext(name=layer.name, grid=grid, level=layer.site.level, timesteps=timesteps, metric=metric,
-                           seed=state.seed, layer_index=layer.index, num_train_timesteps=state.num_train_timesteps)
+        ctx = LayerContext(name=layer.name, grid=grid, level=site.level, timesteps=timesteps, metric=metric,
+                           seed=state.seed, layer_index=layer.index, num_train_timesteps=state.num_train_timesteps,
+                           text_tokens=s, positions=positions)
         if not self._compressor.applies_to(ctx):
             return None, "compressor does not apply to this layer/grid"
-        return ctx, None
+        return (x, text, ctx, rotary), None
 
-    def _note(self, n: int, nq: int, nk: int, compressed: bool, reason: str | None) -> None:
+    def _note(self, n: int, nq: int, nk: int, compressed: bool, reason: str | None, text: int = 0) -> None:
         stats = self._layer.stats
         if torch.compiler.is_compiling():
             stats.traced = {"tokens_in": n, "queries": nq, "keys_values": nk, "compressed": compressed,
-                            "skipped": reason}
+                            "skipped": reason, "text_tokens": text}
             return
         stats.skipped = reason
-        stats._record(n, nq, nk)
+        stats._record(n, nq, nk, text)
         if compressed:
             stats.compressed_calls += 1
 
@@ -262,20 +322,106 @@ class CompressingProcessor(nn.Module):
 
     def forward(self, attn: nn.Module, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         layer = self._layer
-        ctx, reason = self._context(hidden_states, args, kwargs)
+        layer.kv_input = layer.rotary = None  # never left over from a call that failed
+        call = self._bind(args, kwargs)
+        prepared, reason = self._context(hidden_states, call)
         layer.block_input = None  # used once; holding it would keep the tensor alive between calls
-        n = hidden_states.shape[1] if hidden_states.ndim == 3 else 0
-        if ctx is None:
+        if prepared is None:
+            n = hidden_states.shape[1] if hidden_states.ndim == 3 else 0
             self._note(n, n, n, False, reason)
             return self.inner(attn, hidden_states, *args, **kwargs)
-        out = self._compress(hidden_states, ctx)
+        x, text, ctx, rotary = prepared
+        n = x.shape[1]
+        out = self._compress(x, ctx)
         if out.is_identity:
-            self._note(n, n, n, False, None)
+            self._note(n, n, n, False, None, ctx.text_tokens)
             return self.inner(attn, hidden_states, *args, **kwargs)
-        self._note(n, out.queries.shape[1], out.context.shape[1], True, None)
-        kwargs = dict(kwargs)
-        kwargs["encoder_hidden_states"] = None if out.context is out.queries else out.context
-        return self._restore(out, self.inner(attn, out.queries, **kwargs), n)
+        self._note(n, out.queries.shape[1], out.context.shape[1], True, None, ctx.text_tokens)
+        site = layer.site
+        call = dict(call)
+        if site.text == "none" and site.kv == "encoder_hidden_states" and not site.rotary:
+            call["encoder_hidden_states"] = None if out.context is out.queries else out.context
+            return self._restore(out, self.inner(attn, out.queries, **call), n)
+        return self._joint(attn, out, text, ctx, rotary, call)
+
+    def _joint(self, attn: nn.Module, out: Compressed, text: Tensor | None, ctx: LayerContext,
+               rotary: tuple[Tensor, Tensor] | None, call: dict) -> Any:
+        """A compressed call of a joint-attention or rotary site (see the module docstring)."""
+        layer, site = self._layer, self._layer.site
+        n, s, prefix = ctx.num_tokens, ctx.text_tokens, site.text == "prefix"
+        if out.context is not out.queries:
+            if site.kv != "projections":
+                raise ConfigError(f"layer {layer.name!r}: its adapter passes keys/values as encoder_hidden_states, "
+                                  f"which this call uses for other tokens; the adapter must set kv='projections'")
+            if getattr(attn, "fused_projections", False) or getattr(attn, "to_qkv", None) is not None:
+                raise ConfigError(
+                    f"layer {layer.name!r} has fused QKV projections (to_qkv), so bigain cannot give its keys and "
+                    f"values other tokens than its queries; call the denoiser's unfuse_qkv_projections() before "
+                    f"applying {self._compressor.name or type(self._compressor).__name__!r}")
+            layer.kv_input = torch.cat([text, out.context], dim=1) if prefix else out.context
+        if rotary is not None:
+            layer.rotary = self._rotary_tables(out, ctx, rotary)
+            call["image_rotary_emb"] = None  # applied by the norm hooks instead
+        queries = torch.cat([text, out.queries], dim=1) if prefix else out.queries
+        result = self.inner(attn, queries, **call)
+        layer.kv_input = layer.rotary = None
+        nq = out.queries.shape[1]
+        if site.text == "encoder":
+            if not isinstance(result, (tuple, list)) or len(result) < 2:
+                raise self._failure("got an unexpected result", "a joint-attention processor returned "
+                                    f"{type(result).__name__}, expected (image, text) outputs")
+            extra = tuple(self._restore(out, r, n) if isinstance(r, Tensor) and r.ndim == 3 and r.shape[1] == nq
+                          else r for r in result[2:])  # e.g. an IP-Adapter output, one row per image query
+            return (self._restore(out, result[0], n), result[1], *extra)
+        if prefix:
+            return torch.cat([result[:, :s], self._restore(out, result[:, s:], n)], dim=1)
+        return self._restore(out, result, n)
+
+    def _rotary_tables(self, out: Compressed, ctx: LayerContext, rotary: tuple[Tensor, Tensor]
+                       ) -> dict[str, tuple[Tensor, Tensor]]:
+        """Per-sample rotary tables of the compressed queries (``q``), keys (``k``) and text (``added``)."""
+        adapter = self._state.adapter
+        b, s = ctx.timesteps.shape[0], ctx.text_tokens
+        for label, pos, t in (("query_positions", out.query_positions, out.queries),
+                              ("context_positions", out.context_positions, out.context)):
+            if not isinstance(pos, Tensor) or pos.ndim != 3 or pos.shape[:2] != t.shape[:2]:
+                shape = tuple(pos.shape) if isinstance(pos, Tensor) else None
+                raise self._failure(
+                    "gave no token positions",
+                    f"{label} is {shape}, expected [{t.shape[0]}, {t.shape[1]}, {ctx.positions.shape[-1]}]: this "
+                    f"family applies rotary position embeddings, so a compressor that changes the tokens must return "
+                    f"Compressed(..., query_positions=, context_positions=), computed from ctx.positions with the "
+                    f"same token operation as the queries and the context")
+
+        def expand(table: tuple[Tensor, Tensor], rows: slice) -> tuple[Tensor, Tensor]:
+            return tuple(t[rows].unsqueeze(0).expand(b, -1, -1) for t in table)
+
+        def table_of(pos: Tensor) -> tuple[Tensor, Tensor]:
+            if pos is ctx.positions:  # the tokens' own positions: the table the model computed
+                return expand(rotary, slice(s, None))
+            return adapter.rotary_table(pos)
+
+        q = table_of(out.query_positions)
+        k = q if out.context_positions is out.query_positions else table_of(out.context_positions)
+        text = expand(rotary, slice(0, s))
+        if self._layer.site.text == "prefix":
+            return {"q": tuple(torch.cat([a, c], dim=1) for a, c in zip(text, q)),
+                    "k": tuple(torch.cat([a, c], dim=1) for a, c in zip(text, k))}
+        return {"q": q, "k": k, "added": text}
+
+
+def _positional_names(inner: Any) -> tuple[str, ...]:
+    """Names of a processor's parameters after ``(attn, hidden_states)`` that may be given by position."""
+    try:
+        params = list(inspect.signature(inner.__call__).parameters.values())[2:]
+    except (TypeError, ValueError):
+        return ()
+    names = []
+    for p in params:
+        if p.kind is not p.POSITIONAL_OR_KEYWORD:
+            break
+        names.append(p.name)
+    return tuple(names)
 
 
 class CompressionHandle:
@@ -368,9 +514,10 @@ class CompressionHandle:
             wrapper = self._wrappers.get(layer.index)
             if wrapper is not None and layer.site.attn.processor is wrapper:
                 layer.site.attn.set_processor(self._originals[layer.index])
-            layer.block_input = None
+            layer.block_input = layer.kv_input = layer.rotary = None
         self._state.timesteps = None
         self._state.size = None
+        self._state.positions = None
         self.removed = True
 
     def __enter__(self) -> CompressionHandle:
@@ -395,6 +542,39 @@ def _is_self_attention(site: AttentionSite) -> bool:
     attn = site.attn
     return not (attn is None or getattr(site.block, "only_cross_attention", False)
                 or getattr(attn, "is_cross_attention", False))
+
+
+def _joint_hooks(adapter: DenoiserAdapter, layer: _Layer) -> list[Any]:
+    """The hooks a joint-attention or rotary site needs: key/value inputs swapped in at ``to_k`` /
+    ``to_v``, rotary embeddings applied after ``norm_q`` / ``norm_k`` (and the text's
+    ``norm_added_q`` / ``norm_added_k``). Each does nothing unless a compressed call is in flight."""
+    site, attn, hooks = layer.site, layer.site.attn, []
+    if site.kv == "projections":
+        def kv_hook(module: nn.Module, args: tuple) -> tuple | None:
+            return None if layer.kv_input is None else (layer.kv_input,)
+
+        for name in ("to_k", "to_v"):
+            proj = getattr(attn, name, None)
+            if not isinstance(proj, nn.Module):
+                raise ConfigError(f"layer {site.name!r} has no attn.{name} module, where bigain passes compressed "
+                                  f"keys/values; its adapter ({type(adapter).__name__}) must not set kv='projections'")
+            hooks.append(proj.register_forward_pre_hook(kv_hook))
+    if site.rotary:
+        parts = [("norm_q", "q"), ("norm_k", "k")]
+        if site.text == "encoder":
+            parts += [("norm_added_q", "added"), ("norm_added_k", "added")]
+        for name, part in parts:
+            norm = getattr(attn, name, None)
+            if not isinstance(norm, nn.Module):
+                raise ConfigError(f"layer {site.name!r} has no attn.{name} module, after which bigain applies the "
+                                  f"rotary embedding of compressed tokens; its adapter must not set rotary=True")
+
+            def rotary_hook(module: nn.Module, args: tuple, output: Tensor, _part: str = part) -> Tensor | None:
+                tables = layer.rotary
+                return None if tables is None else adapter.apply_rotary(output, tables[_part])
+
+            hooks.append(norm.register_forward_hook(rotary_hook))
+    return hooks
 
 
 def apply(
@@ -465,8 +645,13 @@ def apply(
         state.size = adapter.token_size(args, kwargs)
         t = adapter.timesteps(args, kwargs)
         state.timesteps = t  # converted in the processors: no tensor op here, so no graph of its own
+        if rotary:
+            state.positions = adapter.positions(args, kwargs)
 
+    rotary = any(layer.site.rotary for layer in layers)
     handle._hooks.append(denoiser.register_forward_pre_hook(denoiser_hook, with_kwargs=True))
+    for layer in layers:
+        handle._hooks.extend(_joint_hooks(adapter, layer))
     if state.metric == "block":
         for layer in layers:
             def block_hook(module: nn.Module, args: tuple, kwargs: dict, _layer: _Layer = layer) -> None:

@@ -28,8 +28,8 @@ from bigain.compressor import TokenCompressor
 from bigain.conformance import CHECKS, Check, CheckNotApplicable, Subject, check
 
 __all__ = ["check_compressor", "iter_checks", "parametrize_with_checks", "CHECKS", "Check", "CheckNotApplicable",
-           "Subject", "check", "tiny_unet", "tiny_dit", "save_tiny_stable_diffusion", "save_tiny_dit",
-           "TINY_UNET_CONFIG", "TINY_DIT_CONFIG"]
+           "Subject", "check", "tiny_unet", "tiny_dit", "tiny_sd3", "tiny_flux", "save_tiny_stable_diffusion",
+           "save_tiny_dit", "TINY_UNET_CONFIG", "TINY_DIT_CONFIG", "TINY_SD3_CONFIG", "TINY_FLUX_CONFIG"]
 
 #: A two-level SD-style UNet with attention at both levels (~0.8 M parameters).
 TINY_UNET_CONFIG: dict[str, Any] = {
@@ -56,6 +56,65 @@ TINY_DIT_CONFIG: dict[str, Any] = {
     "patch_size": 2,
     "num_embeds_ada_norm": 10,
 }
+
+
+#: A three-block SD3.5-style MMDiT: joint attention in every block, dual attention (``attn2``) in
+#: block 0, RMS-normalised queries and keys.
+TINY_SD3_CONFIG: dict[str, Any] = {
+    "sample_size": 8,
+    "patch_size": 2,
+    "in_channels": 4,
+    "out_channels": 4,
+    "num_layers": 3,
+    "attention_head_dim": 8,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 12,
+    "caption_projection_dim": 16,
+    "pooled_projection_dim": 10,
+    "pos_embed_max_size": 8,
+    "dual_attention_layers": (0,),
+    "qk_norm": "rms_norm",
+}
+
+#: A Flux transformer with two double-stream and two single-stream blocks and guidance embedding.
+TINY_FLUX_CONFIG: dict[str, Any] = {
+    "patch_size": 1,
+    "in_channels": 8,
+    "num_layers": 2,
+    "num_single_layers": 2,
+    "attention_head_dim": 16,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 12,
+    "pooled_projection_dim": 10,
+    "guidance_embeds": True,
+    "axes_dims_rope": (4, 6, 6),
+}
+
+
+def _randomise_zeros(model: nn.Module) -> nn.Module:
+    # diffusers' init leaves some output layers at zero; randomise so outputs depend on attention
+    for p in model.parameters():
+        if p.abs().sum() == 0:
+            nn.init.normal_(p, std=0.02)
+    return model
+
+
+def tiny_sd3(seed: int = 0) -> nn.Module:
+    """A freshly initialised tiny ``SD3Transformer2DModel`` (eval mode), with non-zero modulation."""
+    from diffusers import SD3Transformer2DModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _randomise_zeros(SD3Transformer2DModel(**TINY_SD3_CONFIG).eval())
+
+
+def tiny_flux(seed: int = 0) -> nn.Module:
+    """A freshly initialised tiny ``FluxTransformer2DModel`` (eval mode), with non-zero modulation."""
+    from diffusers import FluxTransformer2DModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _randomise_zeros(FluxTransformer2DModel(**TINY_FLUX_CONFIG).eval())
 
 
 def tiny_unet(seed: int = 0) -> nn.Module:

@@ -4,6 +4,11 @@ Queries keep all ``N`` tokens; keys and values are computed from a ``factor``-ti
 the same tokens, so the attention output needs no restoring. Downsampling the attention input before
 the key/value projections equals downsampling the keys and values themselves, since every pooling
 used here is linear with weights summing to one.
+
+With token positions (``ctx.positions``, a rotary family such as Flux) the queries keep their own
+positions and each key/value token sits at the same downsampling of the positions of the tokens it
+is pooled from (``todo``: its anchor token's position; ``bigain_td``: the alpha blend of the anchor's
+position and its cell's centre), computed in float32.
 """
 
 from __future__ import annotations
@@ -37,4 +42,7 @@ class KVDownsample(TokenCompressor):
         if self.factor == 1:
             return Compressed.identity(x)
         context = from_grid(self.downsample(to_grid(x, ctx.grid), ctx))
-        return Compressed(x, context)
+        if ctx.positions is None:
+            return Compressed(x, context)
+        positions = from_grid(self.downsample(to_grid(ctx.positions, ctx.grid), ctx))
+        return Compressed(x, context, query_positions=ctx.positions, context_positions=positions)

@@ -10,6 +10,9 @@ Differences from the released code: similarities in float32 (not fp16), the nois
 framework's generator keyed by (seed, layer, timestep) instead of the global RNG, and grids may be
 non-square. ``sum_j cos(x_i, x_j)`` is computed as ``x_i . sum_j x_j`` on normalised tokens, without
 the ``N x N`` matrix.
+
+With token positions (``ctx.positions``, a rotary family such as Flux) every kept token keeps its
+own position; pruned tokens have none (they are recovered after attention).
 """
 
 from __future__ import annotations
@@ -89,4 +92,7 @@ class SiTo(TokenCompressor):
             return out
 
         kept = gather_tokens(x, kept_idx)
-        return Compressed(kept, kept, restore)
+        if ctx.positions is None:
+            return Compressed(kept, kept, restore)
+        positions = gather_tokens(ctx.positions, kept_idx)
+        return Compressed(kept, kept, restore, query_positions=positions, context_positions=positions)

@@ -4,6 +4,8 @@ One destination per ``sy x sx`` cell (random or top-left), every other token a s
 finds its most cosine-similar destination; the ``r = int(N * ratio)`` most similar sources are
 averaged into their destinations (plain mean). The merged tokens attend among themselves (queries,
 keys and values all merged) and the output is copied back to every token a destination stands for.
+With token positions (``ctx.positions``, a rotary family such as Flux) a merged token sits at the
+mean of the positions of the tokens it stands for: positions are merged exactly like the tokens.
 
 Random destinations are keyed by default (one pattern per seed, layer and timestep, whatever the
 batch). ``randomness="tomesd"`` reproduces the randomness of the ``tomesd`` package and the released
@@ -57,7 +59,10 @@ class CellMerge(TokenCompressor):
         a_idx, b_idx = split_by_mask(dst_mask(choice, ctx.grid, self.sx, self.sy), hs * ws)
         matching = bipartite_soft_matching(ctx.metric, a_idx, b_idx, min(r, a_idx.shape[1]))
         merged = matching.merge(x)
-        return Compressed(merged, merged, matching.unmerge)
+        if ctx.positions is None:
+            return Compressed(merged, merged, matching.unmerge)
+        positions = matching.merge(ctx.positions)
+        return Compressed(merged, merged, matching.unmerge, query_positions=positions, context_positions=positions)
 
 
 class ToMe(CellMerge):

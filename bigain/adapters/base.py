@@ -11,6 +11,12 @@ Adapters are found through the entry-point group ``bigain.adapters`` (see
 Everything an adapter computes per call must be traceable by ``torch.compile`` without a graph
 break or a device sync: read shapes (static Python ints) and pass tensors on, never call
 ``.item()`` / ``.tolist()`` on them.
+
+Joint-attention families (SD3, Flux) mark their sites with :attr:`AttentionSite.text` (where the
+text tokens of a call are) and :attr:`AttentionSite.kv` (how compressed keys/values reach the
+processor); a family with rotary position embeddings sets :attr:`AttentionSite.rotary` and
+implements :meth:`DenoiserAdapter.positions`, :meth:`DenoiserAdapter.rotary_table` and
+:meth:`DenoiserAdapter.apply_rotary`.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-from torch import nn
+from torch import Tensor, nn
 
 __all__ = ["AttentionSite", "DenoiserAdapter", "argument"]
 
@@ -38,6 +44,23 @@ class AttentionSite:
         level: downsample level of the layer's token grid (1 = the first, finest grid).
         block_index: position of the block in the family's own numbering (a DiT block index), or
             ``None`` when the family selects layers by level only.
+        text: where the call's text tokens are: ``"none"`` (plain self-attention over the image
+            tokens), ``"encoder"`` (joint attention: the text tokens arrive as
+            ``encoder_hidden_states`` with their own projections and the processor returns
+            ``(image, text)`` outputs - SD3, Flux double-stream blocks) or ``"prefix"`` (the text
+            tokens are the first tokens of ``hidden_states`` - Flux single-stream blocks). Text
+            tokens are never compressed; they attend to the compressed image tokens and are
+            attended to by them.
+        kv: how a compressor's ``context`` (the tokens keys and values come from) reaches the
+            processor: ``"encoder_hidden_states"`` (passed as the processor's
+            ``encoder_hidden_states``, for self-attention layers whose processor computes keys and
+            values from it) or ``"projections"`` (substituted at the inputs of ``attn.to_k`` and
+            ``attn.to_v`` for the duration of the call - joint attention, where
+            ``encoder_hidden_states`` carries the text).
+        rotary: the processor receives ``image_rotary_emb`` (rotary position embeddings applied to
+            queries and keys); the adapter's :meth:`DenoiserAdapter.rotary_table` and
+            :meth:`DenoiserAdapter.apply_rotary` then rotate compressed queries and keys by the
+            positions the compressor gives them.
     """
 
     name: str
@@ -45,6 +68,9 @@ class AttentionSite:
     attn: nn.Module
     level: int
     block_index: int | None = None
+    text: Literal["none", "encoder", "prefix"] = "none"
+    kv: Literal["encoder_hidden_states", "projections"] = "encoder_hidden_states"
+    rotary: bool = False
 
 
 def argument(args: tuple, kwargs: dict, position: int, names: Sequence[str]) -> Any:
@@ -74,6 +100,12 @@ class DenoiserAdapter(ABC):
     handles: ClassVar[str] = ""
     #: ``"module:ClassName"`` of the denoiser class; the default :meth:`matches` is an isinstance test.
     model_class: ClassVar[str] = ""
+    #: Whether layers are selected by block index (``bigain.apply(blocks=...)``); False for a family
+    #: selected by level (``max_downsample=``), whose :meth:`select` refuses ``blocks``.
+    selects_blocks: ClassVar[bool] = True
+    #: Factor from the timesteps the denoiser receives to ``LayerContext.timesteps`` (Flux receives
+    #: ``t / 1000`` and scales it by 1000 itself).
+    timestep_scale: ClassVar[float] = 1.0
 
     def __init__(self, denoiser: nn.Module) -> None:
         self.denoiser = denoiser
@@ -124,6 +156,30 @@ class DenoiserAdapter(ABC):
     def all_layers(self) -> dict[str, Any]:
         """``bigain.apply`` selection options that select every site (for analysis tools)."""
         return {"blocks": "all"}
+
+    def selection(self, *, max_downsample: int, blocks: Any) -> dict[str, Any]:
+        """The ``bigain.apply`` selection options for a caller holding both kinds (a task config, the
+        bench): ``blocks`` is passed on only to a family that selects blocks (:attr:`selects_blocks`)."""
+        return {"max_downsample": max_downsample, "blocks": blocks if self.selects_blocks else "paper"}
+
+    # -- rotary position embeddings (families whose sites set ``rotary``) -------------------------
+    def positions(self, args: tuple, kwargs: dict) -> Tensor | None:
+        """``[N, P]`` coordinates of the image tokens of one denoiser call, from its arguments, as the
+        family's rotary embedding reads them (a tensor passed on, never read on the host)."""
+        return None
+
+    def rotary_table(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """The rotary ``(cos, sin)`` tables, ``[B, M, D]`` each, of ``[B, M, P]`` positions."""
+        raise NotImplementedError(f"{type(self).__name__} has rotary sites but no rotary_table()")
+
+    def apply_rotary(self, x: Tensor, table: tuple[Tensor, Tensor]) -> Tensor:
+        """Rotate ``x`` (``[B, M, heads, head_dim]``, queries or keys) by ``[B, M, D]`` tables."""
+        raise NotImplementedError(f"{type(self).__name__} has rotary sites but no apply_rotary()")
+
+    def example_inputs(self, batch_size: int, size: tuple[int, int], *, generator: Any = None) -> dict[str, Any]:
+        """Keyword arguments of one denoiser forward at a ``size`` latent (``(height, width)`` in
+        latent pixels) with random conditioning: what the bench and tests call the denoiser with."""
+        raise NotImplementedError(f"{type(self).__name__} does not build example inputs; pass the inputs yourself")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({type(self.denoiser).__name__})"

@@ -9,6 +9,10 @@ compressed; the metric is the self-attention input, as for a DiT.
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
+
 from bigain.adapters.dit import DiTAdapter
 
 __all__ = ["PixArtAdapter"]
@@ -20,3 +24,17 @@ class PixArtAdapter(DiTAdapter):
     family = "pixart"
     model_class = "diffusers:PixArtTransformer2DModel"
     handles = "PixArtTransformer2DModel (PixArt-alpha / PixArt-Sigma)"
+
+    def example_inputs(self, batch_size: int, size: tuple[int, int], *, generator: Any = None,
+                       text_tokens: int = 120) -> dict[str, Any]:
+        """A latent, ``text_tokens`` T5-sized caption tokens (PixArt-alpha's 120) and, when the model
+        takes them, the resolution / aspect-ratio conditions."""
+        cfg = self.denoiser.config
+        added: dict[str, Any] = {"resolution": None, "aspect_ratio": None}
+        if cfg.use_additional_conditions:
+            px = torch.tensor([[size[0] * 8.0, size[1] * 8.0]]).expand(batch_size, 2)
+            added = {"resolution": px, "aspect_ratio": (px[:, :1] / px[:, 1:])}
+        return {"hidden_states": torch.randn(batch_size, cfg.in_channels, *size, generator=generator),
+                "encoder_hidden_states": torch.randn(batch_size, text_tokens, cfg.caption_channels,
+                                                     generator=generator),
+                "timestep": torch.full((batch_size,), 500), "added_cond_kwargs": added}

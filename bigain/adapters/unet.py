@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Literal
 
+import torch
 from torch import Tensor, nn
 
 from bigain.adapters.base import AttentionSite, DenoiserAdapter, argument
@@ -45,6 +46,7 @@ class UNetAdapter(DenoiserAdapter):
     default_metric = "block"
     model_class = "diffusers:UNet2DConditionModel"
     handles = "UNet2DConditionModel (Stable Diffusion 1.x / 2.x / XL)"
+    selects_blocks = False
 
     def sites(self) -> list[AttentionSite]:
         levels = unet_levels(self.denoiser)
@@ -72,3 +74,20 @@ class UNetAdapter(DenoiserAdapter):
 
     def all_layers(self) -> dict[str, Any]:
         return {"max_downsample": 1 << 16}
+
+    def example_inputs(self, batch_size: int, size: tuple[int, int], *, generator: Any = None,
+                       text_tokens: int = 77) -> dict[str, Any]:
+        """A latent, ``text_tokens`` CLIP-sized text tokens and, for an SDXL UNet (``text_time``
+        additional conditioning), pooled text embeddings and the size / crop time ids."""
+        cfg = self.denoiser.config
+        inputs: dict[str, Any] = {
+            "sample": torch.randn(batch_size, cfg.in_channels, *size, generator=generator),
+            "timestep": torch.full((batch_size,), 500),
+            "encoder_hidden_states": torch.randn(batch_size, text_tokens, cfg.cross_attention_dim, generator=generator),
+        }
+        if cfg.addition_embed_type == "text_time":
+            pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+            h, w = size[0] * 8, size[1] * 8
+            inputs["added_cond_kwargs"] = {"text_embeds": torch.randn(batch_size, pooled, generator=generator),
+                                           "time_ids": torch.tensor([[h, w, 0, 0, h, w]] * batch_size)}
+        return inputs
