@@ -24,7 +24,9 @@ class ToyDataModule(BigainDataModule):
         split: ``"test"`` (default) or ``"train"``; they use disjoint seeds.
         length: number of images in the split (labels cycle through the 10 classes).
         seed: overrides the split's seed.
-        **kwargs: see :class:`~bigain.datamodules.base.BigainDataModule` (``image_size`` defaults to 32).
+
+    The other options are :class:`~bigain.datamodules.base.BigainDataModule`'s (``image_size``
+    defaults to 32).
     """
 
     name = "toy"

@@ -77,21 +77,123 @@ def test_cli_reference_covers_every_command(generated):
     assert "usage: bigain" in generated["bigain.txt"]
 
 
-def test_site_builds_strictly(generated, tmp_path):
-    for module in ("mkdocs", "material", "mkdocstrings", "mkdocstrings_handlers.python"):
+@pytest.fixture(scope="module")
+def site(generated, tmp_path_factory) -> Path:
+    """The site, built strictly once (``mkdocs build --strict``, as ``make docs`` and CI build it)."""
+    for module in ("mkdocs", "material", "mkdocstrings", "mkdocstrings_handlers.python", "pymdownx"):
         if importlib.util.find_spec(module) is None:
             pytest.skip(f"{module} is not installed: pip install -e '.[docs]' to build the documentation")
-    site = tmp_path / "site"
+    out = tmp_path_factory.mktemp("docs") / "site"
     env = dict(os.environ, NO_MKDOCS_2_WARNING="1")
-    proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
+    proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(out)],
                           cwd=ROOT, capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    return out
+
+
+#: Every public module and the API page it is documented on (docs/reference/api/<page>.md).
+API_PAGES = {
+    "bigain": "bigain", "bigain.patching": "patching", "bigain.compressor": "compressor",
+    "bigain.adapters": "adapters", "bigain.registry": "registry", "bigain.keyed_random": "keyed_random",
+    "bigain.errors": "errors", "bigain.testing": "testing", "bigain.conformance": "conformance",
+    "bigain.checks": "conformance", "bigain.tasks": "tasks", "bigain.tasks.adaptive": "tasks",
+    "bigain.tasks.classification": "tasks", "bigain.tasks.generation": "tasks", "bigain.backbones": "backbones",
+    "bigain.datamodules": "datamodules", "bigain.datamodules.base": "datamodules", "bigain.metric": "metric",
+    "bigain.metrics": "metrics", "bigain.runs": "runs", "bigain.sweep": "sweep", "bigain.reporting": "reporting",
+    "bigain.plots": "plots", "bigain.bench": "bench", "bigain.analysis": "analysis",
+}
+#: reStructuredText that must not reach a page's prose: roles, and "::" literal-block markers.
+RAW_MARKUP = re.compile(r":(?:py:)?(?:class|meth|func|attr|mod|data|exc|obj|const):(?:<code>|`)|\w::</p>|Public API::")
+CODE_LISTING = re.compile(r"<pre\b.*?</pre>", re.S)
+
+
+def _html(site: Path) -> dict[str, str]:
+    return {str(p.relative_to(site)): p.read_text() for p in sorted(site.rglob("*.html"))}
+
+
+def _api(site: Path, page: str) -> str:
+    return (site / "reference" / "api" / page / "index.html").read_text()
+
+
+def test_site_builds_strictly(site):
     cli = (site / "reference" / "cli" / "index.html").read_text()
     assert "--8&lt;--" not in cli and "usage: bigain classify" in cli  # nested snippets were expanded
-    api = (site / "reference" / "api" / "index.html").read_text()
-    for name in ("bigain.apply", "bigain.TokenCompressor", "bigain.testing.check_compressor",
-                 "bigain.reporting.mcnemar_exact", "bigain.bench.run_bench"):
-        assert f'id="{name}"' in api, name
+
+
+def test_api_reference_has_a_page_per_public_module(site):
+    for module, page in API_PAGES.items():
+        assert f'id="{module}"' in _api(site, page), f"{module} is not documented on reference/api/{page}.md"
+    for page, name in [("patching", "bigain.patching.apply"), ("compressor", "bigain.compressor.TokenCompressor"),
+                       ("testing", "bigain.testing.check_compressor"), ("reporting", "bigain.reporting.mcnemar_exact"),
+                       ("bench", "bigain.bench.run_bench"), ("conformance", "bigain.conformance.Subject.fail"),
+                       ("datamodules", "bigain.datamodules.base.BigainDataModule")]:
+        html = _api(site, page)
+        assert f'id="{name}"' in html, name
+        assert "Source code in" in html, f"reference/api/{page}: no source code shown"
+    index = (site / "reference" / "api" / "index.html").read_text()
+    for page in set(API_PAGES.values()):
+        assert f'href="{page}/"' in index, f"the API index does not link reference/api/{page}.md"
+
+
+def test_api_reference_shows_the_public_surface_once():
+    import bigain
+
+    text = (DOCS / "reference" / "api" / "bigain.md").read_text()
+    listed = re.findall(r"^\| \[`(\w+)`\]\[bigain\.(\w+)\]", text, re.M)
+    assert all(a == b for a, b in listed), listed
+    assert [a for a, _ in listed] and {a for a, _ in listed} == set(bigain.__all__) - {"__version__"}
+
+
+def test_api_pages_show_no_private_names_or_duplicates(site):
+    seen: dict[str, str] = {}
+    for page in set(API_PAGES.values()):
+        for ident in re.findall(r'id="(bigain[\w.]*)"', _api(site, page)):
+            assert not re.search(r"\._[a-z]", ident), f"reference/api/{page} documents the private {ident}"
+            assert seen.setdefault(ident, page) == page, f"{ident} is documented on {seen[ident]} and {page}"
+    # a re-export is documented at its home only
+    assert 'id="bigain.patching.default_dit_blocks"' not in _api(site, "patching")
+    assert 'id="bigain.adapters.dit.default_dit_blocks"' in _api(site, "adapters")
+
+
+def test_no_page_shows_raw_restructuredtext(site):
+    """Docstring roles (``:meth:`x```) and ``::`` literal blocks are rendered (docs/hooks.py), not shown."""
+    for name, html in _html(site).items():
+        prose = CODE_LISTING.sub("", html)
+        found = [prose[max(0, m.start() - 80):m.end() + 80] for m in RAW_MARKUP.finditer(prose)]
+        assert not found, f"{name} shows raw reStructuredText: {found[:3]}"
+
+
+def test_docstring_cross_references_are_links(site):
+    links = {
+        "conformance": ["#bigain.conformance.Subject.fail", "#bigain.conformance.check",
+                        "../testing/#bigain.testing.check_compressor"],
+        "bigain": ["../patching/#bigain.patching.apply", "../compressor/#bigain.compressor.TokenCompressor"],
+        "patching": ["../adapters/#bigain.adapters.base.DenoiserAdapter"],
+    }
+    for page, hrefs in links.items():
+        html = _api(site, page)
+        for href in hrefs:
+            assert f'href="{href}"' in html, f"reference/api/{page} does not link {href}"
+    # the module docstring's "Public API::" block is a highlighted code block
+    assert '<span class="n">bigain</span><span class="o">.</span><span class="n">list_compressors</span>' in \
+        _api(site, "bigain")
+
+
+def test_method_pages_render_their_maths(site):
+    assert (site / "javascripts" / "mathjax" / "tex-svg.js").stat().st_size > 1_000_000  # bundled: works offline
+    for name in ("tome", "bigain_tm", "todo", "bigain_td", "sito"):
+        html = (site / "methods" / name / "index.html").read_text()
+        assert html.count('class="arithmatex"') >= 5, name
+        assert 'src="../../javascripts/mathjax/tex-svg.js"' in html, name
+        codes = re.findall(r"<code>([^<]*)</code>", CODE_LISTING.sub("", html))
+        maths = [c for c in codes if re.search(r"sum_|argmax|max_j|sqrt\(|int\(N|1 - 1/|\bh x w\b|alpha \*", c)]
+        assert not maths, f"methods/{name}: maths left as code: {maths}"
+
+
+def test_pages_cite_no_file_outside_the_repository(site):
+    for name, html in _html(site).items():
+        for outside in ("ALGORITHMS.md", "../shared", "shared/notes"):
+            assert outside not in html, f"{name} refers to {outside}, which is not in the repository"
 
 
 # -- what the pages show ---------------------------------------------------------------------------
