@@ -31,7 +31,7 @@ def dit_args(ckpts, run_dir, *extra, length=6):
 
 def records(run_dir):
     df = pd.read_parquet(f"{run_dir}/records.parquet")
-    return df.drop(columns=["seconds"]).sort_values("index").reset_index(drop=True)
+    return df.drop(columns=["seconds", "denoiser_seconds"], errors="ignore").sort_values("index").reset_index(drop=True)
 
 
 # -- the protocol ------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ def args(dit_path, run_dir, *extra, length=4, backbone_options=None):
 
 def records(run_dir):
     df = pd.read_parquet(run_dir / "records.parquet")
-    return df.drop(columns=["seconds"]).sort_values("index").reset_index(drop=True)
+    return df.drop(columns=["seconds", "denoiser_seconds"], errors="ignore").sort_values("index").reset_index(drop=True)
 
 
 # -- shards ------------------------------------------------------------------------------------

@@ -57,7 +57,7 @@ def stop(proc, signum, timeout=60.0) -> tuple[int, float]:
 
 def records_of(folder):
     df = pd.read_parquet(folder / "records.parquet")
-    return df.drop(columns=["seconds"]).sort_values("index").reset_index(drop=True)
+    return df.drop(columns=["seconds", "denoiser_seconds"], errors="ignore").sort_values("index").reset_index(drop=True)
 
 
 # -- the mechanism -----------------------------------------------------------------------------
