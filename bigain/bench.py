@@ -12,6 +12,7 @@ registered here (``4 * B * H * Lq * Lk * D``).
 
 from __future__ import annotations
 
+import inspect
 import json
 import statistics
 import time
@@ -30,10 +31,13 @@ from bigain.errors import BigainError, ConfigError, UnknownNameError
 from bigain.patching import apply
 from bigain.registry import create_compressor
 
-__all__ = ["BENCH_MODELS", "DEFAULT_METHODS", "COMPILE_MODES", "MethodSpec", "parse_method", "build_bench_model",
+__all__ = ["BENCH_MODELS", "DEFAULT_METHODS", "COMPILE_MODES", "MethodSpec", "parse_method", "parse_model",
+           "build_bench_model",
            "count_flops", "denoiser_gflops", "run_bench", "classifier_overhead", "format_table"]
 
-BENCH_MODELS = ("sd2-unet", "sdxl-unet", "dit-xl-2", "toy")
+#: The bundled configs (``bigain/benchconfigs/<name>.json``) and the toy DiT; ``name:key=value,...``
+#: overrides config entries (:func:`parse_model`).
+BENCH_MODELS = ("sd2-unet", "sdxl-unet", "dit-xl-2", "pixart-xl-2", "sd3-medium", "flux-dev", "toy")
 DEFAULT_METHODS = ("none", "tome:ratio=0.5", "tome:ratio=0.7", "bigain_tm:ratio=0.5", "bigain_tm:ratio=0.7",
                    "sito:ratio=0.5", "sito:ratio=0.7", "todo:factor=2", "bigain_td:factor=2")
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -66,69 +70,114 @@ def parse_method(spec: str) -> MethodSpec:
 
 def _config(name: str) -> dict[str, Any]:
     text = resources.files("bigain").joinpath("benchconfigs", f"{name}.json").read_text()
-    return {k: v for k, v in json.loads(text).items() if not k.startswith("_")}
+    return json.loads(text)
+
+
+def _split_options(text: str) -> list[str]:
+    """``"a=1,b=[1,2]"`` -> ``["a=1", "b=[1,2]"]``: commas inside brackets belong to the value."""
+    parts, depth, current = [], 0, ""
+    for ch in text:
+        depth += ch in "[{(" and 1 or 0
+        depth -= ch in "]})" and 1 or 0
+        if ch == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += ch
+    return [p for p in (*parts, current) if p.strip()]
+
+
+def parse_model(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"flux-dev:num_layers=2,num_single_layers=4"`` -> ``("flux-dev", {config overrides})``.
+
+    The overrides replace entries of the bundled diffusers config, for a smaller variant of the real
+    architecture (fewer blocks, narrower layers): FLUX.1-dev has 12 B parameters (48 GB in fp32),
+    ``flux-dev:num_layers=2,num_single_layers=4`` keeps 2 double- and 4 single-stream blocks.
+    """
+    name, _, rest = spec.partition(":")
+    overrides: dict[str, Any] = {}
+    for part in _split_options(rest):
+        key, eq, value = part.partition("=")
+        if not eq:
+            raise ConfigError(f"model option {part!r} in {spec!r} must look like key=value, e.g. "
+                              f"flux-dev:num_layers=2,num_single_layers=4")
+        overrides[key.strip()] = yaml.safe_load(value)
+    return name, overrides
+
+
+def _bundled(name: str, resolution: int, overrides: dict[str, Any]) -> nn.Module:
+    """A bundled config's denoiser (its ``_class_name`` from diffusers) with random weights."""
+    import diffusers
+
+    if name == "toy":
+        from bigain.toy.train import TOY_DIT_CONFIG
+
+        raw: dict[str, Any] = {"_class_name": "DiTTransformer2DModel", **TOY_DIT_CONFIG}
+    elif name in BENCH_MODELS:
+        raw = _config(name)
+        if raw.get("_sample_size_from_resolution"):
+            raw["sample_size"] = resolution // 8
+    else:
+        raise UnknownNameError(f"unknown bench model {name!r}; choose one of {', '.join(BENCH_MODELS)} "
+                               f"or give --model-path PATH_OR_ID")
+    cls = getattr(diffusers, raw["_class_name"])
+    cfg = {k: v for k, v in raw.items() if not k.startswith("_")}
+    unknown = sorted(set(overrides) - set(cfg) - set(inspect.signature(cls.__init__).parameters))
+    if unknown:
+        raise ConfigError(f"bench model {name!r} ({cls.__name__}) has no config entries {unknown}; its entries are "
+                          f"{', '.join(sorted(cfg))}")
+    cfg.update(overrides)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        try:
+            return cls.from_config(cfg)
+        except (ValueError, TypeError, AssertionError, RuntimeError) as exc:
+            raise ConfigError(f"bench model {name!r} with overrides {overrides} is not a valid {cls.__name__}: "
+                              f"{type(exc).__name__}: {exc}") from exc
+
+
+def _load(path: str) -> nn.Module:
+    """A denoiser from a checkpoint: a pipeline's ``unet``, else its ``transformer`` of whatever
+    diffusers class its config names."""
+    import diffusers
+    from diffusers import UNet2DConditionModel
+
+    from bigain.backbones.loading import load_component
+
+    try:
+        return load_component(UNet2DConditionModel, path, "unet", what="UNet")
+    except Exception:
+        cls = getattr(diffusers, "AutoModel", None) or diffusers.DiTTransformer2DModel
+        return load_component(cls, path, "transformer", what="transformer")
 
 
 def build_bench_model(name: str, *, resolution: int, batch_size: int, dtype: str = "fp32",
                       device: str = "cpu", path: str | None = None) -> tuple[nn.Module, dict[str, Any], dict]:
-    """A denoiser with random weights (or from ``path``), its forward inputs, and a description."""
+    """A denoiser with random weights (or from ``path``), its forward inputs, and a description.
+
+    ``name`` is a bundled config, optionally with config overrides (:func:`parse_model`); the inputs
+    are the family adapter's example inputs for a ``resolution // 8`` latent.
+    """
+    from bigain.adapters import find_adapter
+
     if dtype not in _DTYPES:
         raise ConfigError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     dt = _DTYPES[dtype]
     g = torch.Generator().manual_seed(0)
     if path is not None:
-        from diffusers import DiTTransformer2DModel, UNet2DConditionModel
-
-        from bigain.backbones.loading import load_component
-
-        try:
-            model = load_component(UNet2DConditionModel, path, "unet", what="UNet")
-        except Exception:
-            model = load_component(DiTTransformer2DModel, path, "transformer", what="DiT transformer")
-        source = path
-    elif name in ("sd2-unet", "sdxl-unet"):
-        from diffusers import UNet2DConditionModel
-
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            model = UNet2DConditionModel.from_config(_config(name))
-        source = f"bundled config {name}, random weights"
-    elif name in ("dit-xl-2", "toy"):
-        from diffusers import DiTTransformer2DModel
-
-        if name == "toy":
-            from bigain.toy.train import TOY_DIT_CONFIG
-
-            cfg = dict(TOY_DIT_CONFIG)
-        else:
-            cfg = _config(name)
-            cfg["sample_size"] = resolution // 8
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            model = DiTTransformer2DModel.from_config(cfg)
-        source = f"bundled config {name}, random weights"
+        model, source = _load(path), path
     else:
-        raise UnknownNameError(f"unknown bench model {name!r}; choose one of {', '.join(BENCH_MODELS)} "
-                               f"or give --model-path PATH_OR_ID")
+        base, overrides = parse_model(name)
+        model = _bundled(base, resolution, overrides)
+        extra = f", overrides {json.dumps(overrides, sort_keys=True)}" if overrides else ""
+        source = f"bundled config {base}{extra}, random weights"
     model = model.to(device=device, dtype=dt).eval().requires_grad_(False)
+    adapter = find_adapter(model)
     cfg = model.config
-    if type(model).__name__ == "UNet2DConditionModel":
-        side = resolution // 8
-        inputs: dict[str, Any] = {
-            "sample": torch.randn(batch_size, cfg.in_channels, side, side, generator=g),
-            "timestep": torch.full((batch_size,), 500),
-            "encoder_hidden_states": torch.randn(batch_size, 77, cfg.cross_attention_dim, generator=g),
-        }
-        if cfg.addition_embed_type == "text_time":
-            inputs["added_cond_kwargs"] = {"text_embeds": torch.randn(batch_size, 1280, generator=g),
-                                           "time_ids": torch.tensor([[resolution, resolution, 0, 0,
-                                                                      resolution, resolution]] * batch_size)}
-    else:
-        side = cfg.sample_size
-        inputs = {"hidden_states": torch.randn(batch_size, cfg.in_channels, side, side, generator=g),
-                  "timestep": torch.full((batch_size,), 500),
-                  "class_labels": torch.zeros(batch_size, dtype=torch.long)}
-    inputs = _to(inputs, device, dt)
+    # the toy DiT is pixel-space at its own size; a patch-transformer checkpoint runs at the size it was trained at
+    fixed = (path is None and name == "toy") or (path is not None and "patch_size" in cfg and "sample_size" in cfg)
+    side = int(cfg.sample_size) if fixed else resolution // 8
+    inputs = _to(adapter.example_inputs(batch_size, (side, side), generator=g), device, dt)
     params = sum(p.numel() for p in model.parameters())
     return model, inputs, {"model": name if path is None else path, "source": source, "parameters": params}
 
@@ -213,9 +262,10 @@ def _forward_seconds(model: nn.Module, inputs: dict[str, Any], device: str) -> f
 class _Applied:
     """Apply a method (bigain compressor or the tomesd package) to a model, and undo it."""
 
-    def __init__(self, model: nn.Module, spec: MethodSpec, *, max_downsample: int, blocks: Any) -> None:
+    def __init__(self, model: nn.Module, spec: MethodSpec, *, max_downsample: int, blocks: Any,
+                 inputs: dict[str, Any] | None = None) -> None:
         self.model, self.spec, self.handle = model, spec, None
-        self.max_downsample, self.blocks = max_downsample, blocks
+        self.max_downsample, self.blocks, self.inputs = max_downsample, blocks, inputs
 
     def __enter__(self) -> _Applied:
         if self.spec.name == "tomesd":
@@ -223,9 +273,12 @@ class _Applied:
 
             tomesd.apply_patch(self.model, max_downsample=self.max_downsample, **self.spec.options)
         else:
-            extra = {"blocks": self.blocks} if type(self.model).__name__ == "DiTTransformer2DModel" else {
-                "max_downsample": self.max_downsample}
-            self.handle = apply(self.model, self.spec.name, **extra, **self.spec.options)
+            from bigain.adapters import find_adapter
+
+            selection = find_adapter(self.model).selection(max_downsample=self.max_downsample, blocks=self.blocks)
+            self.handle = apply(self.model, self.spec.name, **selection, **self.spec.options)
+            if self.inputs is not None:  # token grids a family reads from the inputs once (Flux), before any trace
+                self.handle.adapter.token_size((), self.inputs)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -336,7 +389,8 @@ def run_bench(
         applied_copies: list[_Applied] = []
         for spec in specs:  # each method stays applied on its own weight-sharing copy
             copy_ = _clone_sharing_weights(net)
-            applied_copies.append(_Applied(copy_, spec, max_downsample=max_downsample, blocks=blocks).__enter__())
+            applied_copies.append(_Applied(copy_, spec, max_downsample=max_downsample, blocks=blocks,
+                                           inputs=inputs).__enter__())
             for mode in modes:
                 runner = _compiled(copy_, mode, compile_backend)
                 if mode != "none":

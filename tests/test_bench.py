@@ -129,3 +129,46 @@ def test_denoiser_gflops_counts_the_attached_compressor():
         reduced = denoiser_gflops(backbone, 32)
     assert full > 0 and reduced < full
     assert denoiser_gflops(backbone, 32) == pytest.approx(full)  # removed again
+
+
+# Depth and width overrides that keep each bundled architecture's structure (its block types, text
+# and pooled dimensions, rotary axes) at a size that builds and runs in a second on a CPU.
+TINY_BENCH = {
+    "sd2-unet": "sd2-unet:block_out_channels=[32,32,64,64],attention_head_dim=[1,1,2,2],layers_per_block=1",
+    "sdxl-unet": "sdxl-unet:block_out_channels=[32,64,128],attention_head_dim=[1,2,4],layers_per_block=1,"
+                 "transformer_layers_per_block=1",
+    "dit-xl-2": "dit-xl-2:num_layers=2,num_attention_heads=1",
+    "pixart-xl-2": "pixart-xl-2:num_layers=2,num_attention_heads=1,cross_attention_dim=72",
+    "sd3-medium": "sd3-medium:num_layers=2,num_attention_heads=1,caption_projection_dim=64",
+    "flux-dev": "flux-dev:num_layers=1,num_single_layers=1,num_attention_heads=1",
+}
+
+
+@pytest.mark.parametrize("name", sorted(TINY_BENCH))
+def test_every_bundled_config_builds_reduced_and_compresses(name):
+    from bigain.adapters import find_adapter
+    from bigain.bench import BENCH_MODELS, build_bench_model
+
+    assert name in BENCH_MODELS
+    model, inputs, info = build_bench_model(TINY_BENCH[name], resolution=64, batch_size=1)
+    assert info["source"].startswith(f"bundled config {name}, overrides {{") and info["parameters"] < 5e7
+    with torch.no_grad():
+        before = model(**inputs).sample
+        selection = find_adapter(model).selection(max_downsample=2, blocks="all")  # SDXL: no level-1 attention
+        with bigain.apply(model, "todo", **selection) as handle:
+            out = model(**inputs).sample
+    assert out.shape == before.shape and not torch.allclose(out, before)
+    assert handle.stats() and all(s["compressed_calls"] == 1 for s in handle.stats()), handle.stats()
+
+
+def test_bench_runs_a_reduced_flux_dev_and_rejects_unknown_overrides():
+    df, info = run_bench(model=TINY_BENCH["flux-dev"], methods=["none", "tome:ratio=0.5", "bigain_td:factor=2"],
+                         resolution=64, repeats=1, warmup=0, blocks="all", compile_modes=["none"])
+    kept = df.set_index("method")["tokens_kept"]
+    assert json.loads(kept["tome:ratio=0.5"]) == {"1": {"queries": 0.5, "keys_values": 0.5}}
+    assert json.loads(kept["bigain_td:factor=2"]) == {"1": {"queries": 1.0, "keys_values": 0.25}}
+    assert info["model"].startswith("flux-dev:")
+    with pytest.raises(ConfigError, match=r"no config entries \['depth'\]"):
+        run_bench(model="flux-dev:depth=2", repeats=1)
+    with pytest.raises(ConfigError, match="key=value"):
+        run_bench(model="flux-dev:2", repeats=1)

@@ -17,7 +17,8 @@ from bigain.adapters.base import AttentionSite, DenoiserAdapter, argument
 from bigain.errors import BigainError, UnsupportedModelError
 from bigain.registry import PluginRegistry
 
-__all__ = ["ADAPTERS", "AttentionSite", "DenoiserAdapter", "argument", "find_adapter", "register_adapter"]
+__all__ = ["ADAPTERS", "AttentionSite", "DenoiserAdapter", "adapter_class", "argument", "find_adapter",
+           "register_adapter"]
 
 #: Every denoiser adapter: entry-point group ``bigain.adapters``.
 ADAPTERS: PluginRegistry = PluginRegistry("bigain.adapters", kind="denoiser adapter", base=DenoiserAdapter)
@@ -28,6 +29,25 @@ _WRAPPER_ATTRIBUTES = ("denoiser", "unet", "transformer")
 def register_adapter(name: str, cls: type | None = None, *, override: bool = False):
     """Register a :class:`DenoiserAdapter` subclass under ``name`` in this process (a decorator too)."""
     return ADAPTERS.register(name, cls, override=override)
+
+
+def adapter_class(family: str) -> type[DenoiserAdapter]:
+    """The registered adapter class whose :attr:`~DenoiserAdapter.family` is ``family``.
+
+    Raises:
+        UnsupportedModelError: no registered adapter names that family (the message lists them).
+    """
+    known = []
+    for name in ADAPTERS.names():
+        try:
+            cls = ADAPTERS.get(name)
+        except BigainError:
+            continue
+        if cls.family == family:
+            return cls
+        known.append(cls.family or name)
+    raise UnsupportedModelError(f"no denoiser adapter of family {family!r}; the registered families are "
+                                f"{', '.join(sorted(known))}")
 
 
 def _match(module: Any, failures: list[str]) -> DenoiserAdapter | None:

@@ -25,9 +25,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from bigain.adapters import adapter_class, find_adapter
 from bigain.compressor import Compressed, LayerContext, TokenCompressor
 from bigain.errors import CheckpointError, ConfigError
-from bigain.patching import apply, default_dit_blocks, find_denoiser
+from bigain.patching import _is_self_attention, apply, find_denoiser
 from bigain.registry import create_compressor, get_compressor
 
 __all__ = ["Probe", "LayerInfo", "CapturedLayer", "MethodSpec", "LayerRecorder", "OnlyLayers",
@@ -194,14 +195,18 @@ class OnlyLayers(TokenCompressor):
         return self.inner.compress(x, ctx)
 
 
-def all_layers_options(family: str) -> dict[str, Any]:
-    """:func:`bigain.apply` options selecting every self-attention layer of a ``family`` denoiser."""
-    return {"blocks": "all"} if family == "dit" else {"max_downsample": 1 << 16}
+def all_layers_options(model: Any) -> dict[str, Any]:
+    """:func:`bigain.apply` options selecting every self-attention layer of ``model`` (anything
+    :func:`bigain.apply` accepts), as its adapter says; a family name (``"unet"``, ``"dit"``, ...)
+    asks that family's adapter class."""
+    if isinstance(model, str):
+        return adapter_class(model)(None).all_layers()
+    return find_adapter(model).all_layers()
 
 
 def _record(probe: Probe, layers: tuple[int, ...] | None, *, seed: int) -> tuple[LayerRecorder, list[dict]]:
     recorder = LayerRecorder(layers=layers)
-    with apply(probe.model, recorder, seed=seed, **all_layers_options(probe.family)) as handle:
+    with apply(probe.model, recorder, seed=seed, **all_layers_options(probe.model)) as handle:
         probe.forward()
         stats = handle.stats()
     return recorder, stats
@@ -214,13 +219,18 @@ def list_layers(probe: Probe, *, seed: int = 0) -> list[LayerInfo]:
 
 
 def default_layer(probe: Probe) -> int:
-    """The first layer the default application compresses: the paper's first DiT block, or the
-    first full-resolution UNet layer."""
-    denoiser, family = find_denoiser(probe.model)
-    if family == "dit":
-        blocks = default_dit_blocks(len(denoiser.transformer_blocks))
-        return blocks[0] if blocks else 0
-    return 0
+    """The first layer the default application compresses (the paper's first DiT block, the first
+    full-resolution UNet layer), numbered as :func:`list_layers` numbers them; 0 when the default
+    compresses none."""
+    adapter = find_adapter(probe.model)
+
+    def selected(**options: Any) -> list:
+        chosen = adapter.select(adapter.sites(), **{"max_downsample": 1, "blocks": "paper", **options})[0]
+        return [site for site in chosen if _is_self_attention(site)]
+
+    sites = selected(**adapter.all_layers())
+    chosen = {site.name for site in selected()}
+    return next((i for i, s in enumerate(sites) if s.name in chosen), 0)
 
 
 def _check_layer(layer: int, infos_or_count: int, names: Sequence[str]) -> None:

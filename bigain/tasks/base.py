@@ -8,6 +8,7 @@ from typing import Any
 
 import lightning as L
 
+from bigain.adapters import find_adapter
 from bigain.backbones import BACKBONES, DiffusionBackbone
 from bigain.errors import ConfigError
 from bigain.patching import apply
@@ -53,8 +54,8 @@ class DiffusionTask(L.LightningModule):
         backbone = build_backbone(hp.backbone, hp.backbone_options)
         self.check_backbone(backbone)
         self.backbone = backbone
-        self.handle = apply(backbone, self.compressor, max_downsample=hp.max_downsample,
-                            blocks=hp.blocks if backbone.family == "dit" else "paper", seed=hp.seed)
+        selection = find_adapter(backbone).selection(max_downsample=hp.max_downsample, blocks=hp.blocks)
+        self.handle = apply(backbone, self.compressor, **selection, seed=hp.seed)
         backbone.compile_denoiser(hp.get("compile", "none"))
 
     def prepare_predict(self, needs: str):
