@@ -10,7 +10,7 @@ PIP := $(PY) -m pip
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -e ".[test,docs]"
+	$(PIP) install -q -e ".[test,docs]"   # test pulls the eval extra: the whole evaluation stack
 	touch $@
 
 venv: $(VENV)/.installed
