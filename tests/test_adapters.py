@@ -178,3 +178,24 @@ def test_an_adapter_must_say_which_denoisers_it_handles():
     with pytest.raises(TypeError, match="must set model_class"):
         class Vague(DenoiserAdapter):  # neither model_class nor matches()
             family = "vague"
+
+
+def test_the_adapter_guide_runs():
+    """docs/guides/adapter.md: its Python blocks, run in order in one namespace (they assert what
+    they show: every method compresses the guide's family, remove() restores it, one graph)."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "guides" / "adapter.md").read_text()
+    blocks = re.findall(r"^```python\n(.*?)^```", text, re.M | re.S)
+    assert len(blocks) >= 4
+    namespace = {"__name__": "adapter_guide"}
+    try:
+        for i, code in enumerate(blocks):
+            exec(compile(code, f"docs/guides/adapter.md (python block {i + 1})", "exec"), namespace)
+    finally:
+        if "pixel" in ADAPTERS.names():
+            ADAPTERS.unregister("pixel")
+        torch._dynamo.reset()
+    assert "pixel" not in ADAPTERS.names()
+    assert namespace["explanation"].graph_count == 1
