@@ -14,6 +14,13 @@ features of a configurable extractor, named by a spec string:
   uses random weights (for tests only: the numbers mean nothing). Features are the pooled
   pre-logits; images are resized to the model's input size and normalised with its config.
 * ``"toy"`` / ``"toy:/path/classifier.safetensors"`` - the toy classifier (``bigain/toy``).
+* ``"pytorch-fid:/path/pt_inception-2015-12-05-6726825d.pth"`` - FID as the paper computed it:
+  ``pytorch-fid``'s Inception network and weights (a local file; see :mod:`bigain.fid_inception`),
+  each image resized to 299 x 299 bilinearly from its own size. FID and KID only (no IS head).
+
+The real images are the datamodule's split (resized and centre-cropped like the model's inputs), or,
+with ``fid_reference``, every image file of a folder, whole: what the paper used (``pytorch-fid`` on
+the dataset's full image folder, e.g. Oxford-IIIT Pets' ``images/`` with both splits).
 
 FIDs from different extractors are not comparable, so every result names its extractor. A metric
 that cannot be computed (weights unavailable offline, too few images, no CLIP model) is recorded as
@@ -37,12 +44,16 @@ from torch import Tensor, nn
 from bigain.errors import BigainError, ConfigError, DatasetError
 
 __all__ = ["METRIC_NAMES", "ExtractorSpec", "parse_extractor", "build_extractor", "MetricUnavailable",
-           "score_images", "score_run", "load_png", "ImageFiles", "single_label", "TOY_CLASSIFIER_PATH"]
+           "score_images", "score_run", "load_png", "ImageFiles", "single_label", "TOY_CLASSIFIER_PATH",
+           "IMAGE_EXTENSIONS", "reference_files", "ReferenceFolder"]
 
 METRIC_NAMES = ("fid", "kid", "is", "clip_score", "class_fidelity")
 TOY_CLASSIFIER_PATH = Path(__file__).resolve().parent / "toy" / "assets" / "classifier.safetensors"
 _SPEC_HELP = ("'inception', 'inception:/path/to/weights.pth', 'timm:<model>', 'timm:<model>@<weights file>', "
-              "'timm:<model>@random', 'toy' or 'toy:/path/to/classifier.safetensors'")
+              "'timm:<model>@random', 'toy', 'toy:/path/to/classifier.safetensors' or "
+              "'pytorch-fid:/path/to/pt_inception-2015-12-05-6726825d.pth'")
+#: The image files a reference folder contributes (any letter case, unlike pytorch-fid's lowercase glob).
+IMAGE_EXTENSIONS = (".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
 _INCEPTION_FIX = "give a local weights file with inception:/path/to/weights.pth or use timm:<model>@<weights file>"
 
 
@@ -77,6 +88,15 @@ def parse_extractor(spec: str) -> ExtractorSpec:
     kind, _, rest = spec.strip().partition(":")
     if kind in ("inception", "toy"):
         return ExtractorSpec(kind, weights=_local_file(rest, spec) if rest else None)
+    if kind == "pytorch-fid":
+        from bigain.fid_inception import PYTORCH_FID_URL, PYTORCH_FID_WEIGHTS
+
+        if not rest or not Path(rest).expanduser().is_file():
+            where = f"{rest} does not exist" if rest else "no weights file is given"
+            raise ConfigError(f"extractor {spec!r}: {where}. pytorch-fid's Inception weights are read from a local "
+                              f"file only: download {PYTORCH_FID_WEIGHTS} from {PYTORCH_FID_URL} on a machine "
+                              f"with network access and write pytorch-fid:/path/to/{PYTORCH_FID_WEIGHTS}")
+        return ExtractorSpec(kind, weights=str(Path(rest).expanduser()))
     if kind == "timm":
         name, _, weights = rest.partition("@")
         if not name:
@@ -124,6 +144,14 @@ def build_extractor(spec: str | ExtractorSpec, device: torch.device | str = "cpu
         except Exception as exc:  # offline download, bad file: recorded, never fatal
             raise MetricUnavailable(f"{type(exc).__name__}: {exc}; {_INCEPTION_FIX}") from exc
         return Extractor(spec, net, lambda x: x, lambda x: tuple(net._torch_fidelity_forward(x))).to(device)
+    if spec.kind == "pytorch-fid":
+        from bigain.fid_inception import load_pytorch_fid_inception
+
+        try:
+            net = load_pytorch_fid_inception(spec.weights)
+        except ConfigError as exc:  # a file of another network: recorded, the images are kept for a rescore
+            raise MetricUnavailable(str(exc)) from exc
+        return Extractor(spec, net, lambda x: x.float() / 255.0, lambda x: (net(x), None)).to(device)
     if spec.kind == "toy":
         from bigain.toy.train import build_toy_classifier, classifier_input
 
@@ -191,8 +219,12 @@ def load_png(path: str | Path) -> Tensor:
 
 
 def _batches(images: Iterable[Tensor], size: int) -> Iterator[Tensor]:
+    """Batches of at most ``size`` images; images of different sizes never share a batch."""
     chunk: list[Tensor] = []
     for img in images:
+        if chunk and tuple(img.shape[-3:]) != tuple(chunk[0].shape):
+            yield torch.stack(chunk)
+            chunk = []
         if img.ndim == 4:  # already a batch
             chunk.extend(img)
         else:
@@ -230,7 +262,7 @@ def _quiet(cls: type, **kwargs: Any) -> Any:
 
 
 def _distribution_metrics(wanted: Sequence[str], fake: tuple[Tensor, Tensor | None], real: Tensor | None,
-                          extractor: str) -> dict[str, dict[str, Any]]:
+                          extractor: str, reference: str | None = None) -> dict[str, dict[str, Any]]:
     from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.image.inception import InceptionScore
     from torchmetrics.image.kid import KernelInceptionDistance
@@ -253,6 +285,8 @@ def _distribution_metrics(wanted: Sequence[str], fake: tuple[Tensor, Tensor | No
             else:
                 m = int(real.shape[0])
                 result["real_images"] = m
+                if reference is not None:
+                    result["reference"] = reference
                 if min(n, m) < 2:
                     raise MetricUnavailable(f"{name.upper()} needs at least 2 generated and 2 real images, "
                                             f"got {n} and {m}")
@@ -329,6 +363,7 @@ def score_images(
     fidelity_classifier: str | None = None,
     device: torch.device | str = "cpu",
     batch_size: int = 32,
+    fid_reference: str | Path | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Score generated uint8 images ``[3, H, W]`` against real ones.
 
@@ -343,13 +378,16 @@ def score_images(
         fidelity_classifier: extractor spec of the classifier judging class fidelity.
         device: where the networks run.
         batch_size: images per network call.
+        fid_reference: a folder whose image files (all of them, whole) are the real images of FID
+            and KID instead of ``real_images``, which is then not read (see :func:`reference_files`).
 
     Returns:
         ``{metric: {"value": ..., "extractor": ..., ...}}`` or ``{metric: {"unavailable": reason}}``.
 
     Raises:
         ConfigError: an unknown metric or extractor.
-        DatasetError: FID or KID asked for, but ``real_images`` yields no image.
+        DatasetError: FID or KID asked for, but ``real_images`` yields no image; ``fid_reference``
+            is not a folder of images, or one of its images cannot be read.
     """
     unknown = sorted(set(metrics) - set(METRIC_NAMES))
     if unknown:
@@ -358,7 +396,12 @@ def score_images(
     results: dict[str, dict[str, Any]] = {}
     distribution = [m for m in METRIC_NAMES if m in metrics and m in ("fid", "kid", "is")]
     real_iter: Iterator[Tensor] | None = None
-    if any(m in metrics for m in ("fid", "kid")):
+    reference = None
+    if any(m in metrics for m in ("fid", "kid")) and fid_reference is not None:
+        folder = ReferenceFolder(fid_reference)
+        reference = str(folder.root)
+        real_iter = iter(folder)
+    elif any(m in metrics for m in ("fid", "kid")):
         real_iter = iter(real_images if real_images is not None else ())
         first = next(real_iter, None)
         if first is None:
@@ -373,7 +416,7 @@ def score_images(
         else:
             fake = _extract(extractor, fake_images, batch_size)
             real = _extract(extractor, real_iter, batch_size)[0] if real_iter is not None else None
-            results.update(_distribution_metrics(distribution, fake, real, str(spec)))
+            results.update(_distribution_metrics(distribution, fake, real, str(spec), reference))
             del extractor
     if "clip_score" in metrics:
         try:
@@ -459,6 +502,43 @@ def single_label(value: Any) -> int | None:
         value = float(value)
         return int(value) if math.isfinite(value) and value.is_integer() else None
     return None
+
+
+def reference_files(folder: str | Path) -> list[Path]:
+    """The image files directly in ``folder`` (extensions :data:`IMAGE_EXTENSIONS`, any letter case),
+    sorted by name; subfolders and other files are left out.
+
+    Raises:
+        DatasetError: ``folder`` is not a directory, or holds no image file.
+    """
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise DatasetError(f"fid_reference {root} is not a folder; give the folder that holds the real images "
+                           f"(for Oxford-IIIT Pets, <root>/oxford-iiit-pet/images)")
+    files = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise DatasetError(f"fid_reference {root} holds no image file ({', '.join(IMAGE_EXTENSIONS)}); images in "
+                           f"its subfolders are not read: give the folder that holds them directly")
+    return files
+
+
+class ReferenceFolder:
+    """Every image of a reference folder, whole, as uint8 ``[3, H, W]`` (loaded one at a time)."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.root = Path(folder).expanduser().resolve()
+        self.files = reference_files(self.root)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __iter__(self) -> Iterator[Tensor]:
+        for path in self.files:
+            try:
+                yield load_png(path)
+            except Exception as exc:  # a truncated or mislabelled file: FID over fewer images is not the paper's
+                raise DatasetError(f"reference image {path} cannot be read ({type(exc).__name__}: {exc}); "
+                                   f"repair or remove it") from exc
 
 
 class ImageFiles(Sequence):

@@ -2,11 +2,19 @@
 
 A backbone holds a pretrained diffusion model and exposes what classification and generation need:
 ``encode`` images to the space the model denoises in, build conditions for classes (and, for text
-models, prompts), ``predict_noise`` with the first ``C`` output channels only (learned-sigma
-channels dropped), the training schedule's ``alphas_cumprod``, and the ``denoiser`` module that
-compressors attach to. Inputs and outputs of ``encode`` / ``predict_noise`` are float32 whatever
-dtype the model runs in, so noising and losses stay in float32 (half-precision noising and losses lose the small
-differences between classes that the classifier ranks on).
+models, prompts), ``predict_output`` - what the model predicts, in the first ``C`` output channels
+(learned-sigma channels dropped) - and ``predict_noise``, the same prediction converted to the noise
+``epsilon``, the training schedule's ``alphas_cumprod``, and the ``denoiser`` module that compressors
+attach to. Inputs and outputs of ``encode`` / ``predict_output`` / ``predict_noise`` are float32
+whatever dtype the model runs in, so noising and losses stay in float32 (half-precision noising and
+losses lose the small differences between classes that the classifier ranks on).
+
+What the model predicts is its scheduler config's ``prediction_type`` (diffusers' names):
+``epsilon`` (the noise), ``v_prediction`` (``v = sqrt(a) * eps - sqrt(1 - a) * x0``, as Stable
+Diffusion 2.0 at 768 px) or ``sample`` (``x0`` itself), with ``a = alphas_cumprod[t]`` and
+``x_t = sqrt(a) * x0 + sqrt(1 - a) * eps``. Classification always ranks classes on the epsilon
+error, whatever the model predicts; generation hands the model's own output to a diffusers
+scheduler configured with the same ``prediction_type``.
 """
 
 from __future__ import annotations
@@ -21,7 +29,8 @@ from torch import Tensor, nn
 
 from bigain.errors import ConfigError
 
-__all__ = ["DiffusionBackbone", "DTYPES", "COMPILE_MODES", "CompileMode", "resolve_dtype"]
+__all__ = ["DiffusionBackbone", "DTYPES", "COMPILE_MODES", "CompileMode", "resolve_dtype", "PREDICTION_TYPES",
+           "check_prediction_type", "to_epsilon", "to_sample"]
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 #: How a task runs its denoiser: eagerly (``none``) or through ``torch.compile`` in one of its modes.
@@ -35,6 +44,59 @@ def check_compile_mode(mode: str) -> str:
     return mode
 
 
+#: What a denoiser may be trained to predict (diffusers' ``prediction_type`` names).
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def check_prediction_type(value: Any, *, where: str = "the scheduler config") -> str:
+    """``value`` if it is one of :data:`PREDICTION_TYPES`, else a :class:`ConfigError` naming them."""
+    if value not in PREDICTION_TYPES:
+        raise ConfigError(
+            f"{where} says prediction_type={value!r}, which bigain does not know; the accepted values are "
+            f"{', '.join(repr(v) for v in PREDICTION_TYPES)} (diffusers' names). Fix the checkpoint's "
+            f"scheduler/scheduler_config.json to say what the model was trained to predict"
+        )
+    return value
+
+
+def _coefficients(alphas_cumprod: Tensor, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+    """``sqrt(a_t)`` and ``sqrt(1 - a_t)`` (float64 maths, returned in ``like``'s dtype) shaped to
+    broadcast over ``like`` ``[B, C, h, w]``."""
+    a = alphas_cumprod.to(like.device)[t.to(like.device).round().long()]
+    shape = (-1,) + (1,) * (like.ndim - 1)
+    return a.sqrt().to(like.dtype).view(shape), (1 - a).sqrt().to(like.dtype).view(shape)
+
+
+def to_epsilon(output: Tensor, x_t: Tensor, t: Tensor, alphas_cumprod: Tensor, prediction_type: str) -> Tensor:
+    """The noise ``eps`` implied by a model ``output`` of ``prediction_type`` at ``x_t``, timesteps ``t``.
+
+    ``v_prediction``: ``eps = sqrt(a) * v + sqrt(1 - a) * x_t``; ``sample``:
+    ``eps = (x_t - sqrt(a) * x0) / sqrt(1 - a)``; ``epsilon``: the output itself.
+    """
+    check_prediction_type(prediction_type, where="to_epsilon")
+    if prediction_type == "epsilon":
+        return output
+    sa, s1 = _coefficients(alphas_cumprod, t, output)
+    if prediction_type == "v_prediction":
+        return sa * output + s1 * x_t
+    return (x_t - sa * output) / s1
+
+
+def to_sample(output: Tensor, x_t: Tensor, t: Tensor, alphas_cumprod: Tensor, prediction_type: str) -> Tensor:
+    """The clean sample ``x0`` implied by a model ``output`` of ``prediction_type``.
+
+    ``v_prediction``: ``x0 = sqrt(a) * x_t - sqrt(1 - a) * v``; ``epsilon``:
+    ``x0 = (x_t - sqrt(1 - a) * eps) / sqrt(a)``; ``sample``: the output itself.
+    """
+    check_prediction_type(prediction_type, where="to_sample")
+    if prediction_type == "sample":
+        return output
+    sa, s1 = _coefficients(alphas_cumprod, t, output)
+    if prediction_type == "v_prediction":
+        return sa * x_t - s1 * output
+    return (x_t - s1 * output) / sa
+
+
 def resolve_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
@@ -45,7 +107,8 @@ class DiffusionBackbone(nn.Module, ABC):
     """A diffusion model as the tasks see it.
 
     Subclasses set ``denoiser`` (the module compressors attach to), register ``alphas_cumprod``
-    (float64 buffer of the training schedule) and implement the abstract methods.
+    (float64 buffer of the training schedule), set ``prediction_type`` from the checkpoint's
+    scheduler config (checked with :func:`check_prediction_type`) and implement the abstract methods.
     """
 
     #: ``"unet"`` or ``"dit"``: where compressors attach and how levels/blocks are chosen.
@@ -55,6 +118,8 @@ class DiffusionBackbone(nn.Module, ABC):
 
     denoiser: nn.Module
     alphas_cumprod: Tensor
+    #: What the denoiser predicts: one of :data:`PREDICTION_TYPES`.
+    prediction_type: str = "epsilon"
 
     def __init__(self, *, dtype: Literal["float32", "float16", "bfloat16"] = "float32") -> None:
         super().__init__()
@@ -95,8 +160,20 @@ class DiffusionBackbone(nn.Module, ABC):
         """Unconditional conditions for classifier-free guidance."""
 
     @abstractmethod
+    def predict_output(self, x_t: Tensor, t: Tensor, cond: Any) -> Tensor:
+        """The model's own float32 prediction ``[B, C, h, w]`` (of :attr:`prediction_type`) for
+        float32 ``x_t``, timesteps ``[B]``; learned-sigma channels dropped."""
+
     def predict_noise(self, x_t: Tensor, t: Tensor, cond: Any) -> Tensor:
-        """float32 epsilon prediction ``[B, C, h, w]`` for float32 ``x_t``, timesteps ``[B]``."""
+        """float32 epsilon prediction ``[B, C, h, w]`` for float32 ``x_t``, timesteps ``[B]``,
+        whatever the model predicts (converted from :meth:`predict_output`)."""
+        return to_epsilon(self.predict_output(x_t, t, cond), x_t.float(), t, self.alphas_cumprod,
+                          self.prediction_type)
+
+    def predict_sample(self, x_t: Tensor, t: Tensor, cond: Any) -> Tensor:
+        """float32 prediction of the clean sample ``x0`` (converted from :meth:`predict_output`)."""
+        return to_sample(self.predict_output(x_t, t, cond), x_t.float(), t, self.alphas_cumprod,
+                         self.prediction_type)
 
     def compile_denoiser(self, mode: CompileMode) -> None:
         """Run the denoiser through ``torch.compile`` in ``mode`` from now on (``none``: eager).
@@ -126,4 +203,5 @@ class DiffusionBackbone(nn.Module, ABC):
     def describe(self) -> dict[str, Any]:
         """What the run records about the model (``run.json``)."""
         return {"backbone": type(self).__name__, "family": self.family, "dtype": self.dtype_name,
-                "num_train_timesteps": self.num_train_timesteps, "compile": self.compile_mode}
+                "num_train_timesteps": self.num_train_timesteps, "prediction_type": self.prediction_type,
+                "compile": self.compile_mode}

@@ -9,7 +9,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from bigain.backbones.base import DiffusionBackbone
+from bigain.backbones.base import DiffusionBackbone, check_prediction_type
 from bigain.backbones.loading import is_local, load_component, require_subfolders
 from bigain.errors import CheckpointError, ConfigError
 
@@ -24,6 +24,8 @@ class DiT(DiffusionBackbone):
     Args:
         path: a hub id (``facebook/DiT-XL-2-256``) or a local folder with ``transformer/`` and
             ``scheduler/`` (and ``vae/`` for latent models; without it the model is pixel-space).
+            The scheduler config's ``prediction_type`` says what the transformer predicts
+            (``epsilon`` for DiT-XL/2).
         dtype: precision the networks run in; noising and losses stay float32.
     """
 
@@ -45,6 +47,8 @@ class DiT(DiffusionBackbone):
         self.vae = load_component(AutoencoderKL, self.path, "vae", what="VAE", torch_dtype=dt) if has_vae else None
         scheduler = load_component(DDPMScheduler, self.path, "scheduler", what="scheduler config")
         self.scheduler_config = dict(scheduler.config)
+        self.prediction_type = check_prediction_type(self.scheduler_config.get("prediction_type", "epsilon"),
+                                                     where=f"the scheduler config of {self.path}")
         self.register_buffer("alphas_cumprod", scheduler.alphas_cumprod.double(), persistent=False)
         for module in (self.transformer, self.vae):
             if module is not None:
@@ -108,7 +112,7 @@ class DiT(DiffusionBackbone):
                               "use guidance_scale=1")
         return torch.full((batch,), self.null_class, dtype=torch.long, device=self.device)
 
-    def predict_noise(self, x_t: Tensor, t: Tensor, cond: Any) -> Tensor:
+    def predict_output(self, x_t: Tensor, t: Tensor, cond: Any) -> Tensor:
         out = self.transformer(x_t.to(self.device, self.model_dtype), timestep=t.to(self.device),
                                class_labels=cond.to(self.device)).sample
         return out[:, : self.in_channels].float()  # learned-sigma channels dropped

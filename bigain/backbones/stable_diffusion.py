@@ -1,4 +1,8 @@
-"""``stable-diffusion``: any Stable Diffusion 1.x / 2.x checkpoint (UNet, VAE, CLIP text encoder)."""
+"""``stable-diffusion``: any Stable Diffusion 1.x / 2.x checkpoint (UNet, VAE, CLIP text encoder).
+
+epsilon-prediction checkpoints (SD 1.x, SD 2.0-base at 512 px) and v-prediction ones (SD 2.0 / 2.1
+at 768 px) alike: what the UNet predicts is read from the checkpoint's scheduler config.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from bigain.backbones.base import DiffusionBackbone
+from bigain.backbones.base import DiffusionBackbone, check_prediction_type
 from bigain.backbones.loading import is_local, load_component, require_subfolders
 
 __all__ = ["StableDiffusion"]
@@ -21,8 +25,11 @@ class StableDiffusion(DiffusionBackbone):
     """A Stable Diffusion pipeline's parts, loaded with diffusers/transformers ``from_pretrained``.
 
     Args:
-        path: a hub id (``stabilityai/stable-diffusion-2-base``) or a local pipeline folder with
-            ``unet/ vae/ text_encoder/ tokenizer/ scheduler/``.
+        path: a hub id (``stabilityai/stable-diffusion-2-base``; ``stabilityai/stable-diffusion-2``
+            for the 768 px v-prediction model) or a local pipeline folder with
+            ``unet/ vae/ text_encoder/ tokenizer/ scheduler/``. The scheduler config's
+            ``prediction_type`` (``epsilon``, ``v_prediction`` or ``sample``) says what the UNet
+            predicts.
         dtype: precision the networks run in; noising and losses stay float32.
         text_batch: prompts encoded per text-encoder call.
     """
@@ -47,6 +54,8 @@ class StableDiffusion(DiffusionBackbone):
         self.tokenizer = load_component(CLIPTokenizer, self.path, "tokenizer", what="tokenizer")
         scheduler = load_component(DDPMScheduler, self.path, "scheduler", what="scheduler config")
         self.scheduler_config = dict(scheduler.config)
+        self.prediction_type = check_prediction_type(self.scheduler_config.get("prediction_type", "epsilon"),
+                                                     where=f"the scheduler config of {self.path}")
         self.register_buffer("alphas_cumprod", scheduler.alphas_cumprod.double(), persistent=False)
         for module in (self.unet, self.vae, self.text_encoder):
             module.eval().requires_grad_(False)
@@ -100,7 +109,7 @@ class StableDiffusion(DiffusionBackbone):
     def null_conditions(self, batch: int) -> Tensor:
         return self.encode_prompts([""]).expand(batch, -1, -1)
 
-    def predict_noise(self, x_t: Tensor, t: Tensor, cond: Any) -> Tensor:
+    def predict_output(self, x_t: Tensor, t: Tensor, cond: Any) -> Tensor:
         out = self.unet(x_t.to(self.device, self.model_dtype), t.to(self.device),
                         encoder_hidden_states=cond.to(self.model_dtype)).sample
         return out[:, : x_t.shape[1]].float()

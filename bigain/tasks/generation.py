@@ -16,8 +16,9 @@ one random pattern per batch see other draws): compare runs with the same batch 
 number of processes, or use batch size 1, when bit-identity matters.
 
 Each image is saved as ``images/{index:06d}.png`` in the run folder (written to a temporary name and
-renamed, so a crash never leaves half a PNG) before its record is written; a restarted run skips the
-recorded indices and overwrites any image that has no record.
+renamed, so a crash never leaves half a file) before its record is written (``image_format:
+paper-jpeg`` saves ``images/{index:06d}.jpg`` as the released BiGain scripts saved theirs); a
+restarted run skips the recorded indices and overwrites any image that has no record.
 """
 
 from __future__ import annotations
@@ -35,14 +36,19 @@ from bigain.backbones import DiffusionBackbone
 from bigain.backbones.base import CompileMode, check_compile_mode
 from bigain.compressor import derive_seed
 from bigain.errors import ConfigError
-from bigain.metrics import METRIC_NAMES, parse_extractor
+from bigain.metrics import METRIC_NAMES, parse_extractor, reference_files
 from bigain.tasks.base import DiffusionTask
 from bigain.tasks.timing import ForwardTimer
 
-__all__ = ["DiffusionGenerator", "initial_noise", "save_png", "to_uint8", "METRIC_OPTIONS"]
+__all__ = ["DiffusionGenerator", "initial_noise", "save_png", "save_image", "to_uint8", "METRIC_OPTIONS",
+           "IMAGE_FORMATS"]
 
 #: Options that only change how a run is scored, never its images (left out of the fingerprint).
-METRIC_OPTIONS = ("metrics", "feature_extractor", "clip_model", "fidelity_classifier")
+METRIC_OPTIONS = ("metrics", "feature_extractor", "clip_model", "fidelity_classifier", "fid_reference")
+#: How generated images are saved: ``png`` (lossless, 8-bit values rounded to nearest) or
+#: ``paper-jpeg`` (as the released BiGain scripts: values truncated, ``floor(255 * (x + 1) / 2)``,
+#: then JPEG at quality 100 with Pillow's default 4:2:0 chroma subsampling).
+IMAGE_FORMATS = ("png", "paper-jpeg")
 
 
 def initial_noise(seed: int, index: int, shape: tuple[int, ...]) -> Tensor:
@@ -51,9 +57,11 @@ def initial_noise(seed: int, index: int, shape: tuple[int, ...]) -> Tensor:
     return torch.randn(shape, generator=generator, dtype=torch.float32)
 
 
-def to_uint8(images: Tensor) -> Tensor:
-    """Images in ``[-1, 1]`` -> uint8 ``[B, 3, H, W]`` on the CPU."""
-    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu()
+def to_uint8(images: Tensor, *, truncate: bool = False) -> Tensor:
+    """Images in ``[-1, 1]`` -> uint8 ``[B, 3, H, W]`` on the CPU: rounded to the nearest value, or
+    truncated (``truncate=True``: ``floor(255 * (x + 1) / 2)``, as the released scripts' ``astype``)."""
+    scaled = (images.float().clamp(-1, 1) + 1) * 127.5
+    return (scaled.floor() if truncate else scaled.round()).clamp(0, 255).to(torch.uint8).cpu()
 
 
 def save_png(image: Tensor, path: Path) -> None:
@@ -63,6 +71,18 @@ def save_png(image: Tensor, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     Image.fromarray(image.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def save_image(image: Tensor, path: Path, image_format: str = "png") -> None:
+    """Save a uint8 ``[3, H, W]`` image atomically in one of :data:`IMAGE_FORMATS`."""
+    if image_format == "png":
+        return save_png(image, path)
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    Image.fromarray(image.permute(1, 2, 0).numpy()).save(tmp, format="JPEG", quality=100)
     os.replace(tmp, path)
 
 
@@ -90,6 +110,13 @@ class DiffusionGenerator(DiffusionTask):
             ``timm:<model>``, ``timm:<model>@<weights file>``, ``toy``.
         clip_model: CLIP hub id or local folder for ``clip_score``.
         fidelity_classifier: classifier spec (same syntax) judging ``class_fidelity``.
+        image_format: ``png`` (default) or ``paper-jpeg``: saved as the released BiGain scripts
+            saved theirs (8-bit values truncated, JPEG quality 100), so FIDs can be compared with
+            the paper's. Part of the run's identity.
+        fid_reference: a folder of real images to compute FID and KID against instead of the
+            datamodule's split: every image file in it (not its subfolders), whole and uncropped,
+            as the paper did (e.g. ``oxford-iiit-pet/images``, both splits); with
+            ``feature_extractor: pytorch-fid:<weights>`` the FID is computed as the paper computed it.
     """
 
     def __init__(
@@ -110,6 +137,8 @@ class DiffusionGenerator(DiffusionTask):
         feature_extractor: str = "inception",
         clip_model: str | None = None,
         fidelity_classifier: str | None = None,
+        image_format: Literal["png", "paper-jpeg"] = "png",
+        fid_reference: str | None = None,
     ) -> None:
         super().__init__(backbone=backbone, compressor=compressor, compressor_options=compressor_options)
         check_compile_mode(compile)
@@ -127,6 +156,11 @@ class DiffusionGenerator(DiffusionTask):
         parse_extractor(feature_extractor)
         if fidelity_classifier is not None:
             parse_extractor(fidelity_classifier)
+        if image_format not in IMAGE_FORMATS:
+            raise ConfigError(f"image_format must be one of {list(IMAGE_FORMATS)} (paper-jpeg: as the released "
+                              f"scripts saved their images), got {image_format!r}")
+        if fid_reference is not None:
+            reference_files(fid_reference)  # a missing or empty folder fails now, not after generating
         self.save_hyperparameters()
         self.text_conditioned = text
         self.sampler_name = sampler if sampler != "auto" else ("euler" if text else "ddim")
@@ -139,6 +173,8 @@ class DiffusionGenerator(DiffusionTask):
     def result_config(self) -> dict[str, Any]:
         """The options that change the images (the metric options do not: a run can be rescored)."""
         hp = {k: v for k, v in dict(self.hparams).items() if k not in METRIC_OPTIONS and k != "compile"}
+        if hp.get("image_format") == "png":
+            hp.pop("image_format")  # the default leaves earlier runs' identity unchanged
         hp.update(compressor_options=self.compressor.hyperparameters(), sampler=self.sampler_name,
                   guidance_scale=self.guidance)
         return hp
@@ -172,13 +208,19 @@ class DiffusionGenerator(DiffusionTask):
         from diffusers import DDIMScheduler, EulerDiscreteScheduler
 
         cls = EulerDiscreteScheduler if self.sampler_name == "euler" else DDIMScheduler
-        scheduler = cls.from_config(self.backbone.scheduler_config)
+        # steps the model's own output: the scheduler converts eps, v or x0 by the checkpoint's type
+        scheduler = cls.from_config(self.backbone.scheduler_config, prediction_type=self.backbone.prediction_type)
         scheduler.set_timesteps(self.hparams.steps, device=self.backbone.device)
         return scheduler
 
     @torch.no_grad()
     def sample(self, cond: Any, noise: Tensor) -> Tensor:
-        """Denoise float32 ``noise`` ``[B, C, h, w]`` under ``cond``; returns images in ``[-1, 1]``."""
+        """Denoise float32 ``noise`` ``[B, C, h, w]`` under ``cond``; returns images in ``[-1, 1]``.
+
+        The model's own prediction (``eps``, ``v`` or ``x0``, :attr:`DiffusionBackbone.prediction_type`)
+        is guided and handed to the scheduler, which is configured with the same type; guidance is
+        linear in the output, so it mixes any of the three alike.
+        """
         bb, g = self.backbone, self.guidance
         scheduler = self.make_scheduler()
         latents = noise.to(bb.device, torch.float32) * scheduler.init_noise_sigma
@@ -188,9 +230,9 @@ class DiffusionGenerator(DiffusionTask):
         for t in scheduler.timesteps:
             x_in = scheduler.scale_model_input(latents, t).float()
             if both is None:
-                eps = self.timer.call(bb.predict_noise, x_in, t.reshape(1).expand(n), cond)
+                eps = self.timer.call(bb.predict_output, x_in, t.reshape(1).expand(n), cond)
             else:
-                eps_c, eps_u = self.timer.call(bb.predict_noise, torch.cat([x_in, x_in]), t.reshape(1).expand(2 * n),
+                eps_c, eps_u = self.timer.call(bb.predict_output, torch.cat([x_in, x_in]), t.reshape(1).expand(2 * n),
                                                both).chunk(2)
                 eps = eps_u + g * (eps_c - eps_u)
             latents = scheduler.step(eps.float(), t, latents, **extra).prev_sample.float()
@@ -225,15 +267,16 @@ class DiffusionGenerator(DiffusionTask):
         cond, prompts = self._conditions(batch)
         shape = self.backbone.latent_shape(self.image_size)
         noise = torch.stack([initial_noise(hp.seed, index, shape) for index in indices])
-        images = to_uint8(self.sample(cond, noise))
+        paper = hp.get("image_format", "png") == "paper-jpeg"
+        images = to_uint8(self.sample(cond, noise), truncate=paper)
         if self.backbone.device.type == "cuda":
             torch.cuda.synchronize(self.backbone.device)
         seconds = (time.perf_counter() - start) / len(indices)
         denoiser_seconds = self.timer.seconds() / len(indices)  # the batch's denoiser time, shared out
         records = []
         for i, index in enumerate(indices):
-            path = self.image_dir / f"{index:06d}.png"
-            save_png(images[i], path)
+            path = self.image_dir / f"{index:06d}{'.jpg' if paper else '.png'}"
+            save_image(images[i], path, hp.get("image_format", "png"))
             label = batch["label"][i]
             record: dict[str, Any] = {"index": index}
             if prompts is not None:
