@@ -392,3 +392,18 @@ def test_contact_sheet_captions_name_the_class(tmp_path):
     gen = load_generation_run(run.path)
     assert gen.captions == {i: TOY_CLASSES[i] for i in range(3)}
     assert write_run_contact_sheet(run.path).is_file()
+
+
+def test_forward_timer_uses_cuda_events_on_the_gpu():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from bigain.tasks.timing import ForwardTimer
+
+    timer = ForwardTimer()
+    x = torch.randn(2048, 2048, device="cuda")
+    for _ in range(3):
+        y = timer.call(lambda a: a @ a, x)
+    assert len(timer._events) == 3 and timer._cpu_seconds == 0.0  # GPU time, not host time
+    seconds = timer.seconds()
+    assert 0 < seconds < 5 and y.shape == x.shape
