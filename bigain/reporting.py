@@ -13,8 +13,8 @@ from typing import Any
 import pandas as pd
 
 __all__ = ["wilson_interval", "mcnemar_exact", "paired_difference_interval", "holm_adjust", "classification_summary",
-           "timing_summary", "write_summary", "load_runs", "paired_comparison", "paired_speedup", "summarize_runs",
-           "write_report"]
+           "timing_summary", "write_summary", "load_runs", "dataset_name", "paired_comparison", "paired_speedup",
+           "summarize_runs", "write_report"]
 
 #: The two-sided 95 % normal quantile every interval of a report uses.
 Z95 = 1.959963984540054
@@ -77,9 +77,10 @@ def paired_difference_interval(b: int, c: int, n: int, z: float = Z95) -> tuple[
 
     Of ``n`` images both runs scored, ``b`` are right only with the baseline and ``c`` only with the
     method; the difference is ``(c - b) / n``. The interval is every ``delta`` whose score statistic
-    (:func:`_tango_score`: the observed discordant difference against its variance under
-    ``delta``, with the nuisance probability at its constrained maximum-likelihood value) is within
-    ``z`` in absolute value (T. Tango, "Equivalence test and confidence interval for the difference
+    ``T(delta) = (c - b - n delta) / sqrt(n (2 q + delta (1 - delta)))`` - the observed discordant
+    difference against its variance under ``delta``, with ``q``, the probability of "right only
+    with the baseline", at its maximum-likelihood value under that constraint - is within ``z`` in
+    absolute value (T. Tango, "Equivalence test and confidence interval for the difference
     in proportions for the paired-sample design", Statistics in Medicine 17, 1998). It uses only
     ``b``, ``c`` and ``n``, stays inside [-1, 1], is not degenerate when ``b = c = 0``, and covers
     close to 95 % at small ``n``, where the Wald interval ``(c - b)/n ± z sqrt(...)`` does not.

@@ -232,7 +232,8 @@ def write_contact_sheet(path: str | Path, images: Sequence[Any], captions: Seque
                         tile: int = 128) -> Path:
     """A grid of (up to 64) images, each with its caption under it in up to two lines (cut with
     "..." only past that), written to a temporary name and renamed. ``images``: uint8 ``[3, H, W]``
-    tensors, arrays or PIL images; ``captions``: e.g. ``"12: circle"`` (see :func:`_captions`)."""
+    tensors, arrays or PIL images; ``captions``: e.g. ``"12: circle"``, as
+    :func:`write_run_contact_sheet` makes them."""
     import os
 
     from PIL import Image, ImageDraw, ImageFont
