@@ -201,3 +201,17 @@ def test_toy_train_writes_under_runs_by_default_never_into_the_package(tmp_path,
     assert code == 0, err
     assert (tmp_path / "runs" / "toy-train" / "toy-dit" / "transformer" / "config.json").is_file()
     assert sorted(p.name for p in ASSETS.iterdir()) == before
+
+
+def test_the_model_cards_reproduce_command_is_in_todays_spelling():
+    import json
+
+    from bigain.commands import toy
+    from bigain.commands._parser import parse, undeprecate
+    from bigain.toy.evaluate import ASSETS
+
+    recorded = json.loads((ASSETS / "metrics.json").read_text())["command"]  # what `toy evaluate` puts in the card
+    command = " ".join(undeprecate(recorded.split(), toy.build_parser(), note=False))
+    assert f"\n{command}\n" in (ASSETS / "MODEL_CARD.md").read_text()
+    cfg = parse(toy.build_parser(), command.split()[2:])
+    assert cfg.action == "train" and cfg.train.out == "runs/toy-train"

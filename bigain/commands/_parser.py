@@ -70,9 +70,10 @@ def _parsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParse
                 yield from _parsers(sub)
 
 
-def undeprecate(argv: Sequence[str], parser: argparse.ArgumentParser) -> list[str]:
+def undeprecate(argv: Sequence[str], parser: argparse.ArgumentParser, *, note: bool = True) -> list[str]:
     """``argv`` with each hyphenated spelling of an option (``--model-path``) replaced by the
-    underscore one the parser knows (``--model_path``), with a one-line note on stderr for each."""
+    underscore one the parser knows (``--model_path``), with a one-line note on stderr for each
+    (unless ``note`` is false)."""
     known = {opt for p in _parsers(parser) for action in p._actions for opt in action.option_strings}
     out: list[str] = []
     noted: set[str] = set()
@@ -84,7 +85,7 @@ def undeprecate(argv: Sequence[str], parser: argparse.ArgumentParser) -> list[st
         if flag.startswith("--") and "-" in flag[2:] and flag not in known:
             new = "--" + flag[2:].replace("-", "_")
             if new in known:
-                if flag not in noted:
+                if note and flag not in noted:
                     print(f"{parser.prog}: {flag} is deprecated, use {new}", file=sys.stderr)
                     noted.add(flag)
                 arg = new + sep + value

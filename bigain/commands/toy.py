@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from bigain.commands._parser import DType, new_parser
+from bigain.commands._parser import DType, new_parser, undeprecate
 from bigain.errors import BigainError
 from bigain.toy.evaluate import ASSETS
 
@@ -104,10 +104,11 @@ def run(cfg: Any) -> int:
         assets = Path(args.assets or ASSETS)
         command = "bigain toy evaluate" + (f" --assets {args.assets}" if args.assets else "")
         meta = assets / "metrics.json"
-        if meta.is_file():  # the card keeps the command that trained the models
+        if meta.is_file():  # the card keeps the command that trained the models, in today's spelling
             import json
 
-            command = json.loads(meta.read_text()).get("command", command)
+            recorded = json.loads(meta.read_text()).get("command", command)
+            command = " ".join(undeprecate(recorded.split(), build_parser(), note=False))
     from bigain.toy import TOY_COMPRESSED_BLOCKS
 
     blocks = list(TOY_COMPRESSED_BLOCKS)
