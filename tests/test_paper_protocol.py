@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
+import yaml
 
 import bigain
 from bigain import ConfigError, LayerContext
@@ -88,3 +90,130 @@ def test_tomesd_randomness_equals_the_tomesd_patch_on_a_tiny_unet(unet):
     for a, b in zip(mine, ref):
         assert (a - b).abs().max() <= 1e-5
     assert max((a - b).abs().max() for a, b in zip(keyed, ref)) > 1e-3  # the keyed default differs
+
+
+# -- the paper configurations against the definitions --------------------------------------------------
+
+#: paper config -> (its definitions counterpart in configs/, {dotted key: why it differs}). Every key
+#: here is explained in docs/guides/paper-protocol.md; a difference missing here fails the test.
+DIFFERENCES = {
+    "classify-sd2-pets.yaml": ("classify-sd2-pets.yaml", {
+        "model.compressor_options.legacy_grouping": "the released 1x4-strip destination grouping",
+        "run_dir": "the paper runs go under runs/paper/",
+    }),
+    "generate-sd2-pets.yaml": ("generate-sd2-pets.yaml", {
+        "model.compressor_options.legacy_grouping": "the released 1x4-strip destination grouping",
+        "model.metrics": "the paper reports FID only",
+        "model.feature_extractor": "pytorch-fid's Inception weights",
+        "model.fid_reference": "the whole images/ folder, uncropped",
+        "model.image_format": "JPEG quality 100, truncated values, as the scripts saved",
+        "model.clip_model": "no CLIP score in the paper",
+        "data.init_args.batch_size": "the scripts' 16 prompts a batch",
+    }),
+    "classify-dit-xl2-imagenet100.yaml": ("classify-dit-xl2-imagenet100.yaml", {
+        "run_dir": "the paper runs go under runs/paper/",
+    }),
+    "generate-dit-xl2-imagenet.yaml": ("generate-dit-xl2-imagenet.yaml", {
+        "model.backbone_options.path": "DiT-XL/2 at 512 px, as the scripts",
+        "data.init_args.image_size": "512 px, as the scripts",
+        "model.compressor_options.legacy_grouping": "the released 1x4-strip destination grouping",
+        "model.metrics": "the paper reports FID only",
+        "model.feature_extractor": "pytorch-fid's Inception weights",
+        "model.fid_reference": "every val image in one flat folder",
+        "model.image_format": "JPEG quality 100, truncated values, as the scripts saved",
+        "model.fidelity_classifier": "no class fidelity in the paper",
+    }),
+}
+
+#: the released settings of each method (configs/paper/methods/), and the definition's defaults they replace
+RELEASED = {
+    "tome": {"ratio": 0.7, "randomness": "tomesd"},
+    "bigain_tm": {"ratio": 0.7, "legacy_grouping": True},
+    "todo": {"factor": 2},
+    "bigain_td": {"factor": 2, "alpha": 0.5},
+    "sito": {"ratio": 0.7, "noise_alpha": 0.1, "sim_beta": 1.0},
+}
+
+
+def _flat(value, prefix=""):
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: value}
+
+
+def _load(path):
+    return _flat(yaml.safe_load(path.read_text()))
+
+
+def test_every_paper_config_has_its_differences_listed():
+    assert sorted(p.name for p in PAPER.glob("*.yaml")) == sorted(DIFFERENCES)
+    sections = _guide_sections()
+    for name, (definition, allowed) in DIFFERENCES.items():
+        paper, plain = _load(PAPER / name), _load(ROOT / "configs" / definition)
+        differ = {k for k in paper.keys() | plain.keys() if paper.get(k, "<absent>") != plain.get(k, "<absent>")}
+        assert differ == set(allowed), (name, sorted(differ ^ set(allowed)))
+        assert f"`configs/{definition}`" in sections[name].splitlines()[0]
+        for key in allowed:
+            assert f"| `{key}` |" in sections[name], f"{GUIDE.name} does not explain {key} of {name}"
+
+
+def _guide_sections():
+    """The guide's per-config difference tables: ``{paper config name: its paragraph and table}``."""
+    text = GUIDE.read_text().split("## Every difference between the two config sets", 1)[1].split("\n## ", 1)[0]
+    out = {}
+    for part in text.split("\n`configs/paper/")[1:]:
+        out[part.split("`", 1)[0]] = "`configs/paper/" + part
+    return out
+
+
+def test_the_method_snippets_hold_the_released_settings():
+    assert sorted(p.stem for p in (PAPER / "methods").glob("*.yaml")) == sorted(RELEASED)
+    for name, options in RELEASED.items():
+        model = yaml.safe_load((PAPER / "methods" / f"{name}.yaml").read_text())["model"]
+        assert model["compressor"] == name and model["compressor_options"] == options
+        bigain.create_compressor(name, **options)  # valid options
+        assert f"configs/paper/methods/{name}.yaml" in GUIDE.read_text()
+
+
+def _cli(argv):
+    from bigain.cli import main
+
+    return main(argv)
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+    from bigain.testing import save_tiny_stable_diffusion
+
+    return save_tiny_stable_diffusion(tmp_path_factory.mktemp("sd") / "sd")
+
+
+def _classify(config, tiny_sd, run_dir, *extra):
+    """``config`` run on the tiny pipeline: only the model path, precision (fp16 is a GPU setting), data
+    and the stages' length are overridden."""
+    argv = ["classify", "--config", str(config), *extra,
+            "--model.backbone_options", f"{{path: {tiny_sd}, dtype: float32}}",
+            "--model.n_samples", "[2]", "--model.to_keep", "[1]",
+            "--data", "toy", "--data.length", "1", "--data.image_size", "32",
+            "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false", "--run_dir", str(run_dir)]
+    assert _cli(argv) == 0
+    import json
+
+    meta = json.loads((run_dir / "run.json").read_text())
+    records = pd.read_parquet(run_dir / "records.parquet").sort_values("index")
+    return meta["result_config"]["model"], records
+
+
+def test_the_paper_classify_config_runs_with_the_released_settings(tiny_sd, tmp_path):
+    paper, paper_records = _classify(PAPER / "classify-sd2-pets.yaml", tiny_sd, tmp_path / "paper")
+    assert paper["compressor"] == "bigain_tm" and paper["compressor_options"]["legacy_grouping"] is True
+    assert paper["backbone"] == "stable-diffusion" and paper["loss"] == "l2" and paper["max_downsample"] == 1
+    plain, plain_records = _classify(ROOT / "configs" / "classify-sd2-pets.yaml", tiny_sd, tmp_path / "plain")
+    assert plain["compressor_options"]["legacy_grouping"] is False
+    assert paper_records["mean_errors"].tolist() != plain_records["mean_errors"].tolist()  # the grouping acted
+    model, records = _classify(PAPER / "classify-sd2-pets.yaml", tiny_sd, tmp_path / "td",
+                               "--config", str(PAPER / "methods" / "bigain_td.yaml"))
+    assert model["compressor"] == "bigain_td" and model["compressor_options"]["alpha"] == 0.5 and len(records) == 1
