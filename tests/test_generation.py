@@ -289,7 +289,17 @@ def test_example_configs_parse_and_their_options_are_valid(name, capsys):
     getattr(importlib.import_module(module_name), cls)(**cfg["data"]["init_args"])
 
 
-def test_the_toy_config_runs(tmp_path):
+def test_the_toy_config_runs(tmp_path, monkeypatch):
+    import bigain.commands.generate as generate_command
+
+    drawn = {}
+    real_sheet = generate_command.write_contact_sheet
+
+    def sheet(path, images, captions, **kw):
+        drawn["captions"] = list(captions)
+        return real_sheet(path, images, captions, **kw)
+
+    monkeypatch.setattr(generate_command, "write_contact_sheet", sheet)
     run = tmp_path / "run"
     assert main(["generate", "--config", os.path.join(CONFIG_DIR, "generate-toy.yaml"),  # the bundled toy DiT
                  "--model.steps", "2", "--data.length", "3",
@@ -298,3 +308,6 @@ def test_the_toy_config_runs(tmp_path):
     assert m["status"] == "complete" and len(pixels(run)) == 3 and m["metric_options"]["feature_extractor"] == "toy"
     fid = m["metrics"]["fid"]
     assert fid["extractor"] == "toy" and "value" in fid
+    # the contact sheet keeps the class: the words every class prompt shares are dropped, not the class
+    assert drawn["captions"] == ["0: horizontal stripes (2 px)", "1: horizontal stripes (3 px)", "2: vertical stripes (2 px)"]
+    assert (run / "contact_sheet.png").is_file()

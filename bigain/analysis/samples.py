@@ -174,7 +174,7 @@ def common_indices(runs: Sequence[GenerationRun], *, indices: Sequence[int] | No
         return list(indices)
     if not shared:
         raise ConfigError("the runs share no image index; give runs over the same dataset indices "
-                          "(same data and seed), or pass --sample-indices that each run has")
+                          "(same data and seed), or pass --sample_indices that each run has")
     return sorted(shared)[:max_images]
 
 
@@ -219,7 +219,7 @@ def write_samples(run_dirs: Sequence[str | Path], out_dir: str | Path, *, indice
     if not run_dirs:
         raise ConfigError("side-by-side samples need generation run folders: give --runs RUN_DIR [RUN_DIR ...]")
     if max_images < 1:
-        raise ConfigError(f"--max-samples must be >= 1, got {max_images}")
+        raise ConfigError(f"--max_samples must be >= 1, got {max_images}")
     runs = [load_generation_run(p) for p in run_dirs]
     chosen = common_indices(runs, indices=indices, max_images=max_images)
     out = Path(out_dir)

@@ -15,20 +15,19 @@ metric options rescores its saved images without generating them again.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from bigain.analysis.samples import distinguishing_parts, write_contact_sheet
 from bigain.commands._evaluate import model_meta, run_evaluation
 from bigain.metrics import ImageFiles, score_images, single_label
 from bigain.reporting import write_summary
 from bigain.runs import atomic_write_parquet
 from bigain.tasks.generation import METRIC_OPTIONS, DiffusionGenerator, to_uint8
 
-__all__ = ["main", "write_contact_sheet", "real_images"]
+__all__ = ["main", "real_images"]
 
 
 def real_images(dm) -> Iterator[torch.Tensor]:
@@ -40,32 +39,6 @@ def real_images(dm) -> Iterator[torch.Tensor]:
             yield to_uint8(batch["image"])
 
 
-def write_contact_sheet(path: Path, images: Sequence[torch.Tensor], captions: Sequence[str], *,
-                        columns: int = 8, tile: int = 128) -> Path:
-    """A grid of (up to 64) uint8 images, each with a caption line under it."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    n = min(len(images), 64)
-    columns = max(1, min(columns, n))
-    rows = max(1, -(-n // columns))
-    strip = 14
-    sheet = Image.new("RGB", (columns * tile, rows * (tile + strip)), "white")
-    draw = ImageDraw.Draw(sheet)
-    font = ImageFont.load_default()
-    for k in range(n):
-        img = Image.fromarray(images[k].permute(1, 2, 0).numpy())
-        img = img.resize((tile, tile), Image.NEAREST if img.width < tile else Image.BICUBIC)
-        x, y = (k % columns) * tile, (k // columns) * (tile + strip)
-        sheet.paste(img, (x, y))
-        text = captions[k].encode("ascii", "replace").decode()  # the fallback bitmap font is Latin-1 only
-        text = text if len(text) <= tile // 6 else text[: tile // 6 - 3] + "..."
-        draw.text((x + 2, y + tile + 1), text, fill="black", font=font)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    sheet.save(tmp, format="PNG")
-    os.replace(tmp, path)  # never half a sheet
-    return path
-
-
 def _finalize(run, model, dm, trainer) -> dict[str, Any]:
     df = run.merged_records()
     atomic_write_parquet(df, run.path / "records.parquet")
@@ -74,16 +47,18 @@ def _finalize(run, model, dm, trainer) -> dict[str, Any]:
     images = ImageFiles(run.path / p for p in df.get("path", []))
     prompts, labels, captions = [], [], []
     label_ids = dm.label_ids
+    class_prompts = [str(p) for p in (dm.prompts or [])]
+    short = dict(zip(class_prompts, distinguishing_parts(class_prompts)))  # "a toy image of a circle" -> "circle"
     for row in df.to_dict("records"):
         label = single_label(row.get("label"))  # None for multi-label (COCO) records
         prompt = row.get("prompt") if isinstance(row.get("prompt"), str) else (
             dm.prompts[label] if label is not None else None)
         prompts.append(prompt)
         labels.append(None if label is None else label_ids[label] if label_ids else label)  # classifier's ids
-        captions.append(f"{row['index']}: {prompt if prompt is not None else ''}")
+        captions.append(f"{row['index']}: {short.get(prompt, prompt) if prompt is not None else ''}")
     if indices:
         write_contact_sheet(run.path / "contact_sheet.png", [images[i] for i in range(min(64, len(images)))],
-                            captions)
+                            captions[:64])
     device = trainer.strategy.root_device
     metrics = score_images(images, real_images(dm), metrics=hp.metrics, feature_extractor=hp.feature_extractor,
                            prompts=prompts, labels=labels, clip_model=hp.clip_model,

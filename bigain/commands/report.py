@@ -1,8 +1,9 @@
 """Merge run folders (or sweep folders holding them) into one report: every record in one
 DataFrame keyed by (run, index); per run, accuracy with a 95% Wilson interval, the paired
-difference against the baseline run on the same images with McNemar's exact p-value, FID / KID /
-IS / CLIP score, measured speedup, GFLOPs and tokens kept. Writes summary.csv, summary.md,
-summary.html, records.parquet and the speed/quality plots. Runs with different seeds or images are
+difference against the baseline run on the same images with its paired interval and McNemar's
+exact p-value (raw and Holm-adjusted), FID / KID / IS / CLIP score, the speed-up from the
+denoiser's timed forwards (the wall clock beside it), GFLOPs and tokens kept. Writes summary.csv,
+summary.md, summary.html, records.parquet and the speed/quality plots. Runs with different seeds or images are
 never paired silently: the report says so.
 """
 
