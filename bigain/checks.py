@@ -14,6 +14,7 @@ from torch import Tensor
 from bigain.compressor import TokenCompressor
 from bigain.conformance import (
     CHECKS,
+    TINY_MODELS,
     Subject,
     _processors,
     _RngStates,
@@ -31,7 +32,7 @@ __all__ = ["check_contract", "check_shapes", "check_dtype", "check_finite", "che
            "check_restores_constant", "check_identity", "check_global_rng", "check_inputs_unchanged",
            "check_batch_independent", "check_deterministic", "check_remove_restores", "check_compiles"]
 
-_FAMILIES = ("unet", "dit")
+_FAMILIES = tuple(TINY_MODELS)  # the tiny models every model check runs on
 
 
 def _compressed_forward(s: Subject, family: str, comp: TokenCompressor | None = None
@@ -293,9 +294,7 @@ class _GraphCounter:
 
 def _new_values(family: str, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """The same shapes with other values: another sample and other timesteps."""
-    if family == "unet":
-        return (args[0] * 0.5 + 0.1, args[1].flip(0) + 7, *args[2:]), kwargs
-    return (args[0] * 0.5 + 0.1, *args[1:]), {**kwargs, "timestep": kwargs["timestep"].flip(0) + 7}
+    return TINY_MODELS[family].new_values(args, kwargs)
 
 
 @check("compiles", "torch.compile(fullgraph=True) traces the compressed tiny UNet and DiT as one graph (no "

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from bigain.compressor import Compressed, LayerContext, TokenCompressor
 
 __all__ = ["Check", "CHECKS", "CheckNotApplicable", "NotApplicable", "Subject", "check", "run_check",
-           "GRIDS", "DTYPES"]
+           "GRIDS", "DTYPES", "TinyModel", "TINY_MODELS"]
 
 #: Token grids of the direct calls: square, non-square, odd (not divisible by 2).
 GRIDS: tuple[tuple[int, int], ...] = ((8, 8), (6, 10), (7, 5))
@@ -47,6 +47,53 @@ GRIDS: tuple[tuple[int, int], ...] = ((8, 8), (6, 10), (7, 5))
 DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16)
 _BATCH, _CHANNELS, _OUT_CHANNELS = 3, 16, 24
 _TIMESTEPS = (10.0, 500.0, 500.0)
+
+
+@dataclass(frozen=True)
+class TinyModel:
+    """A tiny denoiser the model checks run on.
+
+    Attributes:
+        build: ``seed -> model`` (a fresh, eval-mode denoiser).
+        inputs: ``generator -> (args, kwargs)`` of one forward.
+        options: ``bigain.apply`` options that compress every attention layer of it.
+        new_values: ``(args, kwargs) -> (args, kwargs)``: the same shapes with other values (another
+            sample, other timesteps), for the no-recompile check.
+    """
+
+    build: Callable[[int], nn.Module]
+    inputs: Callable[[torch.Generator], tuple[tuple, dict]]
+    options: Mapping[str, Any]
+    new_values: Callable[[tuple, dict], tuple[tuple, dict]]
+
+
+def _unet_inputs(g: torch.Generator) -> tuple[tuple, dict]:
+    x = torch.randn(2, 4, 16, 12, generator=g)  # non-square latent
+    return (x, torch.tensor([100, 800]), torch.randn(2, 5, 32, generator=g)), {}
+
+
+def _dit_inputs(g: torch.Generator) -> tuple[tuple, dict]:
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    return (x,), {"timestep": torch.tensor([100, 800]), "class_labels": torch.tensor([1, 7])}
+
+
+def _build(name: str) -> Callable[[int], nn.Module]:
+    def build(seed: int) -> nn.Module:
+        import bigain.testing
+
+        return getattr(bigain.testing, name)(seed)
+
+    return build
+
+
+#: The tiny models of the model checks, by name: a two-level SD-style UNet and a DiT.
+TINY_MODELS: dict[str, TinyModel] = {
+    "unet": TinyModel(_build("tiny_unet"), _unet_inputs, {"max_downsample": 2},
+                      lambda args, kwargs: ((args[0] * 0.5 + 0.1, args[1].flip(0) + 7, *args[2:]), kwargs)),
+    "dit": TinyModel(_build("tiny_dit"), _dit_inputs, {"blocks": "all"},
+                     lambda args, kwargs: ((args[0] * 0.5 + 0.1, *args[1:]),
+                                           {**kwargs, "timestep": kwargs["timestep"].flip(0) + 7})),
+}
 
 
 class CheckNotApplicable(UserWarning):
@@ -222,20 +269,15 @@ class Subject:
         return found
 
     def model(self, family: str, *, fresh: bool = False) -> tuple[nn.Module, tuple, dict, dict]:
-        """A tiny ``"unet"`` or ``"dit"``, its inputs, and the ``bigain.apply`` options that compress
-        every attention layer: ``(model, args, kwargs, apply_options)``. The model is shared between
-        checks (built once per seed) unless ``fresh``; a check must leave it as it found it."""
+        """A tiny model of :data:`TINY_MODELS` (``"unet"``, ``"dit"``), its inputs, and the
+        ``bigain.apply`` options that compress every attention layer: ``(model, args, kwargs,
+        apply_options)``. The model is shared between checks (built once per seed) unless ``fresh``;
+        a check must leave it as it found it."""
         model = _tiny(family, self.seed)
         if fresh:
             model = copy.deepcopy(model)
-        g = torch.Generator().manual_seed(self.seed)
-        if family == "unet":
-            x = torch.randn(2, 4, 16, 12, generator=g)  # non-square latent
-            args = (x, torch.tensor([100, 800]), torch.randn(2, 5, 32, generator=g))
-            return model, args, {}, {"max_downsample": 2}
-        x = torch.randn(2, 4, 8, 8, generator=g)
-        kwargs = {"timestep": torch.tensor([100, 800]), "class_labels": torch.tensor([1, 7])}
-        return model, (x,), kwargs, {"blocks": "all"}
+        args, kwargs = TINY_MODELS[family].inputs(torch.Generator().manual_seed(self.seed))
+        return model, args, kwargs, dict(TINY_MODELS[family].options)
 
     def uncompressed(self, family: str) -> Tensor:
         """The tiny model's output on :meth:`model`'s inputs, without compression."""
@@ -256,15 +298,13 @@ def _processors(model: nn.Module) -> dict[str, Any]:
 
 def _tiny(family: str, seed: int) -> nn.Module:
     """The shared tiny model; rebuilt when a check left its attention processors replaced."""
-    from bigain.testing import tiny_dit, tiny_unet
-
     key = (family, seed)
     if key in _MODELS:
         model, processors = _MODELS[key]
         now = _processors(model)
         if now.keys() == processors.keys() and all(now[k] is processors[k] for k in processors):
             return model
-    model = tiny_unet(seed) if family == "unet" else tiny_dit(seed)
+    model = TINY_MODELS[family].build(seed)
     _MODELS[key] = (model, _processors(model))
     return model
 
