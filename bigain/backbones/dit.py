@@ -9,8 +9,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from bigain.backbones.base import DiffusionBackbone, check_prediction_type
-from bigain.backbones.loading import is_local, load_component, require_subfolders
+from bigain.backbones.base import DiffusionBackbone
+from bigain.backbones.loading import is_local, load_component, load_schedule, require_subfolders
 from bigain.errors import CheckpointError, ConfigError
 
 __all__ = ["DiT", "ToyDiT", "TOY_DIT_PATH"]
@@ -34,7 +34,7 @@ class DiT(DiffusionBackbone):
     def __init__(self, *, path: str = "facebook/DiT-XL-2-256",
                  dtype: Literal["float32", "float16", "bfloat16"] = "float32") -> None:
         super().__init__(dtype=dtype)
-        from diffusers import AutoencoderKL, DDPMScheduler, DiTTransformer2DModel
+        from diffusers import AutoencoderKL, DiTTransformer2DModel
 
         self.path = str(path)
         local = is_local(self.path)
@@ -45,11 +45,8 @@ class DiT(DiffusionBackbone):
                                           torch_dtype=dt)
         has_vae = (Path(self.path).expanduser() / "vae").is_dir() if local else True
         self.vae = load_component(AutoencoderKL, self.path, "vae", what="VAE", torch_dtype=dt) if has_vae else None
-        scheduler = load_component(DDPMScheduler, self.path, "scheduler", what="scheduler config")
-        self.scheduler_config = dict(scheduler.config)
-        self.prediction_type = check_prediction_type(self.scheduler_config.get("prediction_type", "epsilon"),
-                                                     where=f"the scheduler config of {self.path}")
-        self.register_buffer("alphas_cumprod", scheduler.alphas_cumprod.double(), persistent=False)
+        self.scheduler_config, self.prediction_type, alphas_cumprod = load_schedule(self.path)
+        self.register_buffer("alphas_cumprod", alphas_cumprod, persistent=False)
         for module in (self.transformer, self.vae):
             if module is not None:
                 module.eval().requires_grad_(False)

@@ -7,7 +7,7 @@ from typing import Any
 
 from bigain.errors import CheckpointError
 
-__all__ = ["is_local", "require_subfolders", "load_component"]
+__all__ = ["is_local", "require_subfolders", "load_component", "load_schedule"]
 
 
 def is_local(path: str) -> bool:
@@ -47,3 +47,18 @@ def load_component(cls: Any, path: str, subfolder: str | None, *, what: str, **k
         hint = ("" if is_local(path) else
                 " If this machine is offline, download the checkpoint elsewhere and give its local folder.")
         raise CheckpointError(f"could not load the {what} from {where}: {exc}.{hint}") from exc
+
+
+def load_schedule(path: str) -> tuple[dict[str, Any], str, Any]:
+    """The training noise schedule of the checkpoint at ``path`` (its ``scheduler/`` config):
+    ``(config, prediction_type, alphas_cumprod)``, the prediction type checked and the cumulative
+    alphas in float64. Any diffusers scheduler config with betas loads (DDPM, PNDM, DPM-Solver, ...)."""
+    from diffusers import DDPMScheduler
+
+    from bigain.backbones.base import check_prediction_type
+
+    scheduler = load_component(DDPMScheduler, path, "scheduler", what="scheduler config")
+    config = dict(scheduler.config)
+    prediction_type = check_prediction_type(config.get("prediction_type", "epsilon"),
+                                            where=f"the scheduler config of {path}")
+    return config, prediction_type, scheduler.alphas_cumprod.double()

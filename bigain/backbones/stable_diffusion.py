@@ -13,8 +13,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from bigain.backbones.base import DiffusionBackbone, check_prediction_type
-from bigain.backbones.loading import is_local, load_component, require_subfolders
+from bigain.backbones.base import DiffusionBackbone
+from bigain.backbones.loading import is_local, load_component, load_schedule, require_subfolders
 
 __all__ = ["StableDiffusion"]
 
@@ -40,7 +40,7 @@ class StableDiffusion(DiffusionBackbone):
     def __init__(self, *, path: str = "stabilityai/stable-diffusion-2-base",
                  dtype: Literal["float32", "float16", "bfloat16"] = "float32", text_batch: int = 100) -> None:
         super().__init__(dtype=dtype)
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
         self.path = str(path)
@@ -52,11 +52,8 @@ class StableDiffusion(DiffusionBackbone):
         self.text_encoder = load_component(CLIPTextModel, self.path, "text_encoder", what="text encoder",
                                            torch_dtype=dt)
         self.tokenizer = load_component(CLIPTokenizer, self.path, "tokenizer", what="tokenizer")
-        scheduler = load_component(DDPMScheduler, self.path, "scheduler", what="scheduler config")
-        self.scheduler_config = dict(scheduler.config)
-        self.prediction_type = check_prediction_type(self.scheduler_config.get("prediction_type", "epsilon"),
-                                                     where=f"the scheduler config of {self.path}")
-        self.register_buffer("alphas_cumprod", scheduler.alphas_cumprod.double(), persistent=False)
+        self.scheduler_config, self.prediction_type, alphas_cumprod = load_schedule(self.path)
+        self.register_buffer("alphas_cumprod", alphas_cumprod, persistent=False)
         for module in (self.unet, self.vae, self.text_encoder):
             module.eval().requires_grad_(False)
         self.denoiser = self.unet
