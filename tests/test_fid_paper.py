@@ -218,8 +218,6 @@ def test_a_generation_run_saves_paper_jpegs_and_keeps_png_runs_identity(tmp_path
         DiffusionGenerator(image_format="jpg")
 
 
-@pytest.mark.xfail(strict=True, reason="bigain/commands/generate.py does not pass fid_reference to score_images yet "
-                                       "(one keyword: fid_reference=hp.fid_reference); remove this mark once it does")
 def test_the_generate_command_scores_against_the_fid_reference(tmp_path, folder, weights):
     from bigain.cli import main
     from bigain.testing import save_tiny_dit

@@ -62,13 +62,15 @@ def _finalize(run, model, dm, trainer) -> dict[str, Any]:
     device = trainer.strategy.root_device
     metrics = score_images(images, real_images(dm), metrics=hp.metrics, feature_extractor=hp.feature_extractor,
                            prompts=prompts, labels=labels, clip_model=hp.clip_model,
-                           fidelity_classifier=hp.fidelity_classifier, device=device) if indices else {}
+                           fidelity_classifier=hp.fidelity_classifier, fid_reference=hp.get("fid_reference"),
+                           device=device) if indices else {}
     summary: dict[str, Any] = {
         "task": "generate", "backbone": hp.backbone, "dataset": dm.name or type(dm).__name__,
         "compressor": hp.compressor, "hyperparameters": model.compressor.hyperparameters(), "seed": hp.seed,
         "sampler": model.sampler_name, "steps": hp.steps, "guidance_scale": model.guidance, "images": len(df),
         "seconds_per_image": float(df["seconds"].mean()) if "seconds" in df and len(df) else None,
         "feature_extractor": hp.feature_extractor,
+        "fid_reference": hp.get("fid_reference"),  # None: the datamodule's own real images
     }
     for name, result in metrics.items():
         summary[name] = result.get("value", "unavailable")
