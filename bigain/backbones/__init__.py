@@ -1,7 +1,7 @@
 """Diffusion backbones: what the evaluation tasks run on.
 
 Backbones register under the entry-point group ``bigain.backbones`` (built-ins: ``stable-diffusion``,
-``dit``, ``toy``), so a third party can add one the same way as a compressor.
+``dit``, ``toy``, ``pixart``), so a third party can add one the same way as a compressor.
 """
 
 from __future__ import annotations

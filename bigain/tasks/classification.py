@@ -28,7 +28,7 @@ class DiffusionClassifier(DiffusionTask):
     """Classify images with a (compressed) diffusion model, the Diffusion Classifier way.
 
     Args:
-        backbone: registered backbone name: ``toy``, ``dit``, ``stable-diffusion``.
+        backbone: registered backbone name: ``toy``, ``dit``, ``stable-diffusion``, ``pixart``.
         backbone_options: its options, e.g. ``{"path": "stabilityai/stable-diffusion-2-base", "dtype": "float16"}``.
         compressor: registered compressor name (``none``, ``tome``, ``bigain_tm``, ``todo``, ``bigain_td``, ``sito``).
         compressor_options: its hyperparameters, e.g. ``{"ratio": 0.7}``.

@@ -90,7 +90,7 @@ class DiffusionGenerator(DiffusionTask):
     """Generate one image per dataset item with a (compressed) diffusion model.
 
     Args:
-        backbone: registered backbone name: ``toy``, ``dit``, ``stable-diffusion``.
+        backbone: registered backbone name: ``toy``, ``dit``, ``stable-diffusion``, ``pixart``.
         backbone_options: its options, e.g. ``{"path": "stabilityai/stable-diffusion-2-base", "dtype": "float16"}``.
         compressor: registered compressor name (``none``, ``tome``, ``bigain_tm``, ``todo``, ``bigain_td``, ``sito``).
         compressor_options: its hyperparameters, e.g. ``{"ratio": 0.7}``.
