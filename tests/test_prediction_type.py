@@ -198,3 +198,65 @@ def test_sd2_768_configs_parse_and_name_the_v_prediction_model(name):
     config = yaml.safe_load(out)
     assert config["model"]["backbone_options"]["path"] == "stabilityai/stable-diffusion-2"
     assert config["data"]["init_args"]["image_size"] == 768
+
+
+def _classifier(path, target, **kw):
+    from bigain.tasks.classification import DiffusionClassifier
+
+    module = DiffusionClassifier(backbone="stable-diffusion", backbone_options={"path": path}, n_samples=[2],
+                                 to_keep=[1], target=target, batch_size=4, **kw)
+    module.configure_model()
+    module.num_classes, module.multilabel = 3, False
+    module.backbone.set_classes(prompts=["a cat", "a dog", "a bird"])
+    return module
+
+
+def _image():
+    return torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(3)) * 2 - 1
+
+
+def test_native_target_measures_the_v_error_of_a_v_model(pipes):
+    from bigain.tasks.adaptive import image_noise
+
+    module = _classifier(pipes["v_prediction"], "native")
+    bb = module.backbone
+    image = _image()
+    record = module.classify(image, 7, 0)
+    x0 = bb.encode(image[None])[0]
+    noise = image_noise(0, 7, module.schedule, tuple(x0.shape))
+    expected = {}
+    for c in range(3):  # by hand: x_t from (x0, eps, t), v target in closed form, error of the raw output
+        errs = []
+        for row, t in enumerate(module.schedule.grid):
+            a = bb.alphas_cumprod[t]
+            eps = noise[row]
+            x_t = (a.sqrt() * x0 + (1 - a).sqrt() * eps).float()[None]
+            with torch.no_grad():
+                v = bb.unet(x_t, torch.tensor([t]), encoder_hidden_states=bb.class_conditions(torch.tensor([c]))).sample
+            v_target = (a.sqrt() * eps.double() - (1 - a).sqrt() * x0.double()).float()
+            errs.append(float((v[0] - v_target).pow(2).mean()))
+        expected[c] = sum(errs) / len(errs)
+    best = min(expected, key=lambda c: (expected[c], c))
+    assert record["prediction"] == best
+    assert record["mean_errors"][str(best)] == pytest.approx(expected[best], rel=1e-4)
+    eps_record = _classifier(pipes["v_prediction"], "epsilon").classify(image, 7, 0)
+    assert eps_record["mean_errors"][str(best)] != pytest.approx(expected[best], rel=1e-3)  # not the same error
+
+
+def test_native_target_of_an_epsilon_model_is_the_epsilon_error(pipes):
+    image = _image()
+    native = _classifier(pipes["epsilon"], "native").classify(image, 2, 1)
+    epsilon = _classifier(pipes["epsilon"], "epsilon").classify(image, 2, 1)
+    assert native["top5"] == epsilon["top5"]
+    assert native["mean_errors"] == pytest.approx(epsilon["mean_errors"], rel=1e-6)
+
+
+def test_the_target_is_part_of_the_result_fingerprint_and_unknown_ones_are_errors(pipes):
+    from bigain.tasks.classification import DiffusionClassifier
+
+    assert "target" not in DiffusionClassifier().result_config()  # the default: earlier runs keep their identity
+    assert DiffusionClassifier(target="native").result_config()["target"] == "native"
+    with pytest.raises(ConfigError, match=r"target must be 'epsilon'.*'native'.*got 'v'"):
+        DiffusionClassifier(target="v")
+    assert _cli(["classify", "--model.target", "native", "--print_config"])[0] == 0
+    assert _cli(["classify", "--model.target", "v", "--print_config"])[0] != 0

@@ -131,18 +131,22 @@ def classify_image(
     loss: Loss = "l2",
     batch_size: int = 32,
     fixed_batch: bool = False,
+    target: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None,
 ) -> ClassificationResult:
     """Classify one image.
 
     Args:
         x0: float32 ``[C, h, w]`` clean sample in the model's space.
         noise: from :func:`image_noise`.
-        predict: ``(x_t [b, C, h, w] float32, t [b] long, classes [b] long) -> eps float32``.
+        predict: ``(x_t [b, C, h, w] float32, t [b] long, classes [b] long) -> float32``: the
+            noise ``eps`` (or whatever ``target`` returns).
         batch_size: (class, timestep, trial) triples per ``predict`` call.
         fixed_batch: give every ``predict`` call exactly ``batch_size`` triples, padding a shorter
             last chunk with copies of its last triple whose outputs are dropped (a compiled
             denoiser then serves the whole run with one graph). Results are unchanged: each
             sample's prediction does not depend on its batch.
+        target: ``(x0 [b, C, h, w], eps [b, C, h, w], t [b] long) -> float32 [b, C, h, w]``, what
+            ``predict``'s output is compared to; ``None`` (the default): the noise ``eps`` itself.
     """
     device = x0.device
     grid = schedule.grid
@@ -167,7 +171,9 @@ def classify_image(
             a = ab[ts].float().view(-1, 1, 1, 1)
             x_t = a.sqrt() * x0.unsqueeze(0) + (1.0 - a).sqrt() * eps
             pred = predict(x_t, ts, classes)[: len(chunk)]
-            for (c, _, _), e in zip(chunk, _loss(pred.float(), eps[: len(chunk)], loss).tolist()):
+            n = len(chunk)
+            goal = eps[:n] if target is None else target(x0.unsqueeze(0).expand_as(eps[:n]), eps[:n], ts[:n])
+            for (c, _, _), e in zip(chunk, _loss(pred.float(), goal, loss).tolist()):
                 errors[c].append(e)
             evaluations += len(chunk)
             calls += 1

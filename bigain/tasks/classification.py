@@ -15,13 +15,30 @@ from typing import Any, Literal
 import torch
 
 from bigain.backbones import DiffusionBackbone
-from bigain.backbones.base import CompileMode, check_compile_mode
+from bigain.backbones.base import CompileMode, check_compile_mode, check_prediction_type
 from bigain.errors import ConfigError
 from bigain.tasks.adaptive import AdaptiveSchedule, average_precision, classify_image, image_noise
 from bigain.tasks.base import DiffusionTask
 from bigain.tasks.timing import ForwardTimer
 
-__all__ = ["DiffusionClassifier"]
+__all__ = ["DiffusionClassifier", "TARGETS", "native_target"]
+
+#: What classification measures the error on (the ``target`` option).
+TARGETS = ("epsilon", "native")
+
+
+def native_target(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor,
+                  prediction_type: str) -> torch.Tensor:
+    """The ground truth a model of ``prediction_type`` is trained to output for the clean ``x0``, the
+    noise ``eps`` (both ``[B, C, h, w]`` float32) and timesteps ``t`` ``[B]``: ``eps``, ``x0``, or
+    ``v = sqrt(a) * eps - sqrt(1 - a) * x0`` with ``a = alphas_cumprod[t]`` (float64 maths)."""
+    check_prediction_type(prediction_type, where="native_target")
+    if prediction_type == "epsilon":
+        return eps
+    if prediction_type == "sample":
+        return x0
+    a = alphas_cumprod.to(device=eps.device, dtype=torch.float64)[t.to(eps.device).long()].view(-1, 1, 1, 1)
+    return (a.sqrt() * eps.double() - (1 - a).sqrt() * x0.double()).float()
 
 
 class DiffusionClassifier(DiffusionTask):
@@ -38,6 +55,12 @@ class DiffusionClassifier(DiffusionTask):
         to_keep: classes kept after each stage, ending at 1.
         n_trials: noise draws per timestep.
         loss: ``l2`` (the paper's), ``l1`` or ``huber``.
+        target: what the error is measured on. ``epsilon`` (the default, the paper's): the noise,
+            whatever the model predicts (a v- or x0-prediction is converted to epsilon first).
+            ``native``: the model's own prediction target, compared with its raw output - ``v =
+            sqrt(a) * eps - sqrt(1 - a) * x0`` for ``v_prediction``, the clean latent ``x0`` for
+            ``sample``, ``eps`` for ``epsilon`` (then the same as ``epsilon``), with ``a =
+            alphas_cumprod[t]``. Part of the result fingerprint when ``native``.
         batch_size: (class, timestep) pairs per denoiser forward.
         seed: seeds the noise (with each image's dataset index) and the compressor.
         compile: run the compressed denoiser through ``torch.compile`` (``default``,
@@ -60,6 +83,7 @@ class DiffusionClassifier(DiffusionTask):
         to_keep: list[int] = [5, 1],  # noqa: B006
         n_trials: int = 1,
         loss: Literal["l2", "l1", "huber"] = "l2",
+        target: Literal["epsilon", "native"] = "epsilon",
         batch_size: int = 32,
         seed: int = 0,
         compile: CompileMode = "none",
@@ -68,6 +92,10 @@ class DiffusionClassifier(DiffusionTask):
         AdaptiveSchedule(tuple(n_samples), tuple(to_keep), 1000, n_trials)  # validated early
         if loss not in ("l2", "l1", "huber"):
             raise ConfigError(f"loss must be 'l2', 'l1' or 'huber', got {loss!r}")
+        if target not in TARGETS:
+            raise ConfigError(f"target must be 'epsilon' (rank classes on the noise error, the default) or "
+                              f"'native' (on the error of the model's own prediction target: v, x0 or eps), "
+                              f"got {target!r}")
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         check_compile_mode(compile)
@@ -83,6 +111,8 @@ class DiffusionClassifier(DiffusionTask):
         hp = dict(self.hparams)
         hp.pop("batch_size", None)
         hp.pop("compile", None)
+        if hp.get("target") == "epsilon":
+            hp.pop("target")  # the default leaves earlier runs' identity unchanged
         hp["compressor_options"] = self.compressor.hyperparameters()
         return hp
 
@@ -100,7 +130,13 @@ class DiffusionClassifier(DiffusionTask):
     # -- the work ------------------------------------------------------------------------------
     def _predict(self, x_t: torch.Tensor, t: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         cond = self.backbone.class_conditions(classes)
+        if self.hparams.get("target", "epsilon") == "native":
+            return self.timer.call(self.backbone.predict_output, x_t, t, cond)  # the model's raw output
         return self.timer.call(self.backbone.predict_noise, x_t, t, cond)  # timed around the (compiled) call
+
+    def _target(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the model's raw output is compared to with ``target: native``."""
+        return native_target(x0, eps, t, self.backbone.alphas_cumprod, self.backbone.prediction_type)
 
     def classify(self, image: torch.Tensor, index: int, label: Any) -> dict[str, Any]:
         """Classify one preprocessed image; returns its record."""
@@ -112,7 +148,8 @@ class DiffusionClassifier(DiffusionTask):
         result = classify_image(x0, noise, schedule=self.schedule, num_classes=self.num_classes,
                                 alphas_cumprod=self.backbone.alphas_cumprod, predict=self._predict,
                                 loss=hp.loss, batch_size=hp.batch_size,
-                                fixed_batch=hp.get("compile", "none") != "none")
+                                fixed_batch=hp.get("compile", "none") != "none",
+                                target=self._target if hp.get("target", "epsilon") == "native" else None)
         if x0.is_cuda:
             torch.cuda.synchronize(x0.device)
         record: dict[str, Any] = {
