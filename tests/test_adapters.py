@@ -166,6 +166,20 @@ def test_every_method_compresses_pixart_and_sdxl(family):
     torch._dynamo.reset()
 
 
+def test_pixart_example_inputs_carry_the_conditions_diffusers_turns_on():
+    from diffusers import PixArtTransformer2DModel
+
+    # use_additional_conditions left to diffusers (None in the config): on for sample_size 128, the 1024 px model
+    model = PixArtTransformer2DModel(num_attention_heads=3, attention_head_dim=8, in_channels=4, out_channels=8,
+                                     num_layers=1, cross_attention_dim=24, sample_size=128, patch_size=2,
+                                     caption_channels=12).eval()
+    assert model.config.use_additional_conditions is None and model.use_additional_conditions
+    inputs = find_adapter(model).example_inputs(2, (8, 6), text_tokens=4)
+    assert inputs["added_cond_kwargs"]["resolution"].tolist() == [[64.0, 48.0]] * 2
+    with torch.no_grad():
+        assert model(**inputs).sample.shape == (2, 8, 8, 6)
+
+
 def test_sdxl_at_level_one_warns_that_nothing_is_compressed():
     model, _, _ = tiny_sdxl_unet()
     with pytest.warns(UserWarning, match=r"selected no self-attention layer.*levels \[2\].*use 2"):

@@ -31,7 +31,8 @@ class PixArtAdapter(DiTAdapter):
         takes them, the resolution / aspect-ratio conditions."""
         cfg = self.denoiser.config
         added: dict[str, Any] = {"resolution": None, "aspect_ratio": None}
-        if cfg.use_additional_conditions:
+        # diffusers resolves use_additional_conditions=None from sample_size (on for 128, the 1024 px model)
+        if getattr(self.denoiser, "use_additional_conditions", cfg.use_additional_conditions):
             px = torch.tensor([[size[0] * 8.0, size[1] * 8.0]]).expand(batch_size, 2)
             added = {"resolution": px, "aspect_ratio": (px[:, :1] / px[:, 1:])}
         return {"hidden_states": torch.randn(batch_size, cfg.in_channels, *size, generator=generator),
