@@ -205,11 +205,11 @@ def test_command_writes_merge_maps_spectrum_and_samples(tiny, tmp_path):
     none_run = _fake_run(tmp_path / "gen-none", "none", {}, [1, 2, 3, 5], seed=2)
     out = tmp_path / "vis"
     rc = main(["visualize", "--model_path", path, "--timestep", "300", "--index", "2", "--out", str(out),
-               "--runs", str(tome_run), str(none_run)])
+               "--runs", str(tome_run), str(none_run), "--num_images", "1", "--timesteps", "300"])
     assert rc == 0
     names = ["none", "tome_ratio-0.5", "bigain_tm_ratio-0.5", "sito_ratio-0.5", "todo_factor-2", "bigain_td_factor-2"]
     figures = [out / "merge_maps" / f"{n}.png" for n in names + ["grid"]]
-    figures += [out / "spectrum.png", out / "spectrum_layers.png", out / "samples.png"]
+    figures += [out / "spectrum.png", out / "spectrum_layers.png", out / "samples.png", out / "edge_survival.png"]
     for fig in figures:
         assert fig.is_file(), fig
         assert fig.stat().st_size > 10_000, fig
@@ -246,4 +246,124 @@ def test_command_errors_say_what_to_do(tiny, capsys):
     assert main(["visualize", "--what", "merge-maps", "--model_path", path, "--layer", "7"]) == 2
     assert "between 0 and 3" in capsys.readouterr().err
     assert main(["visualize", "--what", "spectrum", "--model_path", path, "--timestep", "1000"]) == 2
+    assert "[0, 999]" in capsys.readouterr().err
+
+
+# -- edge survival -------------------------------------------------------------------------------
+
+def _brute_laplacian(metric: torch.Tensor, grid: tuple[int, int]) -> np.ndarray:
+    """4-neighbour Laplacian, zero outside the grid, L1 over channels, by loops."""
+    h, w = grid
+    m = metric[0].double().numpy().reshape(h, w, -1)
+    out = np.zeros((h, w))
+    for i in range(h):
+        for j in range(w):
+            acc = -4.0 * m[i, j]
+            for di, dj in ((-1, 0), (1, 0), (0, -1), (0, 1)):
+                if 0 <= i + di < h and 0 <= j + dj < w:
+                    acc = acc + m[i + di, j + dj]
+            out[i, j] = np.abs(acc).sum()
+    return out.reshape(-1)
+
+
+def _brute_survivors(comp, x: torch.Tensor, ctx) -> np.ndarray:
+    """Which tokens still attend as themselves, from the compressor's own output: its restore says
+    which query row each token reads; a SiTo token survives when that row is the token itself; a
+    cell merge's token when it is alone in its cluster or its cell's destination."""
+    from bigain.plugins._tokens import cell_counts, dst_mask
+
+    out = comp.compress(x, ctx)
+    nq = out.queries.shape[1]
+    reads = out.restore(torch.eye(nq)[None])[0].argmax(dim=1).numpy()
+    if comp.name == "sito":
+        return np.array([torch.equal(out.queries[0, reads[i]], x[0, i]) for i in range(x.shape[1])])
+    cells = cell_counts(ctx.grid, comp.sx, comp.sy)
+    dst = dst_mask(comp.choose_destinations(x, ctx, cells), ctx.grid, comp.sx, comp.sy)[0].numpy()
+    sizes = np.bincount(reads, minlength=nq)[reads]
+    return (sizes == 1) | dst
+
+
+EDGE_SPECS = ["tome", "bigain_tm", "bigain_tm:legacy_grouping=true", "sito"]
+
+
+@pytest.mark.parametrize("spec", EDGE_SPECS)
+@pytest.mark.parametrize("source", ["random", "tiny_dit"])
+def test_edge_survival_share_equals_a_brute_force_count(tiny, spec, source):
+    from bigain.analysis.edge_survival import edge_tokens, survival_share
+
+    if source == "random":
+        x = torch.randn(1, 48, 6, generator=torch.Generator().manual_seed(5))
+        ctx = bigain.LayerContext.for_tokens(x, grid=(6, 8), timesteps=300.0)
+    else:
+        captured = capture_layer(tiny[1], 1)
+        x, ctx = captured.x[:1].float(), captured.ctx
+    comp = parse_methods([spec], ratio=0.5)[0].build()
+    n = x.shape[1]
+    for q in (0.1, 0.25, 1.0):
+        k = math.ceil(q * n)
+        edges = np.argsort(-_brute_laplacian(ctx.metric, ctx.grid), kind="stable")[:k]
+        alive = _brute_survivors(comp, x, ctx)
+        share = survival_share(token_map(comp, x, ctx), edge_tokens(ctx.metric, ctx.grid, q))
+        assert sorted(edge_tokens(ctx.metric, ctx.grid, q)) == sorted(edges)
+        assert share == pytest.approx(alive[edges].sum() / k, abs=1e-12)
+        if q == 1.0:  # every token: exactly the N - int(N * ratio) that still attend
+            assert share == pytest.approx(1 - int(n * 0.5) / n, abs=1e-12)
+
+
+def test_edge_survival_at_the_largest_ratio_keeps_only_destinations():
+    """At ratio 0.75 with 2x2 cells every source is merged, so only the cell destinations survive.
+    bigain_tm's destination is its cell's lowest-Laplacian token, which is among the top-k only when
+    the whole cell is; tome with top-left destinations keeps exactly the top-left edge tokens."""
+    from bigain.analysis.edge_survival import edge_tokens, survival_share
+
+    x = torch.randn(1, 64, 6, generator=torch.Generator().manual_seed(2))
+    ctx = bigain.LayerContext.for_tokens(x, grid=(8, 8), timesteps=300.0)
+    for q in (0.05, 0.5, 0.75):
+        edges = edge_tokens(ctx.metric, ctx.grid, q)
+        top = set(edges.tolist())
+        whole_cells = sum(all(c in top for c in (8 * i + j, 8 * i + j + 1, 8 * i + j + 8, 8 * i + j + 9))
+                          for i in range(0, 8, 2) for j in range(0, 8, 2))
+        tm = parse_methods(["bigain_tm"], ratio=0.75)[0].build()
+        assert survival_share(token_map(tm, x, ctx), edges) == pytest.approx(whole_cells / len(edges), abs=1e-12)
+        topleft = parse_methods(["tome:dst=topleft"], ratio=0.75)[0].build()
+        expected = np.mean([(e // 8) % 2 == 0 and (e % 8) % 2 == 0 for e in edges])
+        assert survival_share(token_map(topleft, x, ctx), edges) == pytest.approx(expected, abs=1e-12)
+    # fewer edge tokens than a cell holds: bigain_tm keeps none of them
+    assert survival_share(token_map(tm, x, ctx), edge_tokens(ctx.metric, ctx.grid, 3 / 64)) == 0.0
+
+
+def test_command_writes_the_edge_survival_table_and_plot(tiny, tmp_path, capsys):
+    path, _ = tiny
+    out = tmp_path / "edges"
+    rc = main(["visualize", "--what", "edges", "--model_path", path, "--num_images", "2", "--timesteps", "100",
+               "700", "--edge_fraction", "0.25", "--methods", "none", "tome", "bigain_tm",
+               "bigain_tm:legacy_grouping=true", "sito", "todo", "--out", str(out)])
+    assert rc == 0
+    assert "left out todo" in capsys.readouterr().out
+    table = pd.read_csv(out / "edge_survival.csv")
+    assert len(table) == 5 * 2 and set(table["timestep"]) == {100, 700}
+    assert (table["images"] == 2).all() and (table["edge_tokens"] == 16).all()
+    none = table[table["method"] == "none"]
+    assert (none["share"] == 1.0).all() and (none["all_kept"] == 1.0).all()
+    merged = table[table["method"] != "none"]
+    assert np.allclose(merged["all_kept"], 0.5) and ((merged["share"] >= 0) & (merged["share"] <= 1)).all()
+    images = pd.read_csv(out / "edge_survival_images.csv")
+    assert len(images) == 5 * 2 * 2
+    assert np.allclose(images["share"], images["surviving"] / images["edge_tokens"])
+    means = images.groupby(["label", "timestep"])["share"].mean()
+    for _, row in table.iterrows():
+        assert row["share"] == pytest.approx(means[(row["label"], row["timestep"])])
+    md = (out / "edge_survival.md").read_text()
+    assert "| none | 1.000 | 1.000 | 1.000 |" in md and "bigain_tm (legacy_grouping=True, ratio=0.5)" in md
+    png = out / "edge_survival.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_edge_survival_errors_say_what_to_do(tiny, capsys):
+    path, _ = tiny
+    assert main(["visualize", "--what", "edges", "--model_path", path, "--edge_fraction", "0"]) == 2
+    assert "(0, 1]" in capsys.readouterr().err
+    assert main(["visualize", "--what", "edges", "--model_path", path, "--methods", "todo"]) == 2
+    assert "merge or prune method" in capsys.readouterr().err
+    assert main(["visualize", "--what", "edges", "--model_path", path, "--timesteps", "1000"]) == 2
     assert "[0, 999]" in capsys.readouterr().err
