@@ -12,9 +12,10 @@ losses lose the small differences between classes that the classifier ranks on).
 What the model predicts is its scheduler config's ``prediction_type`` (diffusers' names):
 ``epsilon`` (the noise), ``v_prediction`` (``v = sqrt(a) * eps - sqrt(1 - a) * x0``, as Stable
 Diffusion 2.0 at 768 px) or ``sample`` (``x0`` itself), with ``a = alphas_cumprod[t]`` and
-``x_t = sqrt(a) * x0 + sqrt(1 - a) * eps``. Classification always ranks classes on the epsilon
-error, whatever the model predicts; generation hands the model's own output to a diffusers
-scheduler configured with the same ``prediction_type``.
+``x_t = sqrt(a) * x0 + sqrt(1 - a) * eps``. Classification ranks classes on the epsilon error by
+default, whatever the model predicts (``target: native`` ranks on the error of the model's own
+target instead, see :class:`bigain.tasks.classification.DiffusionClassifier`); generation hands
+the model's own output to a diffusers scheduler configured with the same ``prediction_type``.
 """
 
 from __future__ import annotations

@@ -33,7 +33,9 @@ def build_parser():
     parser = new_parser("bench", __doc__)
     parser.add_argument("--task", type=Literal["denoiser", "classifier"], default="denoiser",
                         help="what to time: one denoiser forward, or the diffusion classifier's overhead")
-    parser.add_argument("--model", type=str, default="sd2-unet", help=f"one of {', '.join(BENCH_MODELS)}")
+    parser.add_argument("--model", type=str, default="sd2-unet",
+                        help=f"one of {', '.join(BENCH_MODELS)}; name:key=value,... overrides entries of its "
+                             f"bundled config for a smaller variant (flux-dev:num_layers=2,num_single_layers=4)")
     parser.add_argument("--model_path", type=str | None, default=None,
                         help="a real checkpoint: hub id or local pipeline folder")
     parser.add_argument("--methods", type=str, nargs="+", default=list(DEFAULT_METHODS), metavar="METHOD",
