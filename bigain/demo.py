@@ -132,12 +132,17 @@ def findings(summary: pd.DataFrame, records: pd.DataFrame | None = None) -> list
             better = f"lower ({down})" if f2 < f1 else f"higher ({up})" if f2 > f1 else "equal"
             out.append(f"Generation, toy-feature {fid.label}: {m1} {f1:.2f}, {m2} {f2:.2f} - {m2}'s {fid.label} is "
                        f"{better}. FIDs on a few dozen images are noisy; treat small differences as ties.")
-    speeds = summary[(summary["task"] == "classify") & summary["speedup"].notna()] if "speedup" in summary else None
-    if speeds is not None and len(speeds):
-        fastest = speeds.sort_values("speedup").iloc[-1]
-        out.append(f"Measured speed-ups on this machine stay small on the toy (256 tokens: attention is a small "
-                   f"share of the work); the largest is {fastest['speedup']:.2f}x ({fastest['method']}). Speed "
-                   f"claims need `bigain bench` on an SD-sized model.")
+    if "speedup" in summary:
+        parts = []
+        for task, what in (("classify", "classification"), ("generate", "generation")):
+            speeds = summary[(summary["task"] == task) & summary["speedup"].notna()]
+            if len(speeds):
+                fastest = speeds.sort_values("speedup").iloc[-1]
+                parts.append(f"{fastest['speedup']:.2f}x in {what} ({fastest['method']})")
+        if parts:
+            out.append(f"Measured speed-ups on this machine stay small on the toy (256 tokens: attention is a small "
+                       f"share of the work); the largest are {' and '.join(parts)}. Speed claims need "
+                       f"`bigain bench` on an SD-sized model.")
     return out
 
 

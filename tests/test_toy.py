@@ -112,3 +112,16 @@ def test_toy_train_can_keep_the_shipped_classifier(tmp_path, capsys):
     assert (tmp_path / "toy-dit" / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
     kept = (tmp_path / "classifier.safetensors").read_bytes()
     assert kept == (ASSETS / "classifier.safetensors").read_bytes()
+
+
+def test_demo_findings_name_the_fastest_method_of_each_task():
+    import pandas as pd
+
+    from bigain.demo import findings
+
+    rows = [("classify", "none", 1.0), ("classify", "todo", 1.14), ("generate", "none", 1.0),
+            ("generate", "bigain_td", 1.55)]
+    summary = pd.DataFrame([{"task": t, "method": m, "speedup": x, "hyperparameters": "{}"} for t, m, x in rows])
+    speed = [line for line in findings(summary) if line.startswith("Measured speed-ups")]
+    assert len(speed) == 1 and "1.14x in classification (todo)" in speed[0]
+    assert "1.55x in generation (bigain_td)" in speed[0]
