@@ -51,3 +51,13 @@ def kill_after(tmp_path):
         return str(config), env
 
     return make
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest single-threaded: on a busy 2-core machine a second thread only adds
+    waiting. A test module opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -19,13 +19,7 @@ from bigain.tasks.generation import DiffusionGenerator, initial_noise
 EXTRACTOR = "timm:test_vit@random"  # a timm model with random weights: runs offline, 64 features
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The models here are tiny: a second thread only adds waiting (a lot, on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -309,5 +303,6 @@ def test_the_toy_config_runs(tmp_path, monkeypatch):
     fid = m["metrics"]["fid"]
     assert fid["extractor"] == "toy" and "value" in fid
     # the contact sheet keeps the class: the words every class prompt shares are dropped, not the class
-    assert drawn["captions"] == ["0: horizontal stripes (2 px)", "1: horizontal stripes (3 px)", "2: vertical stripes (2 px)"]
+    assert drawn["captions"] == ["0: horizontal stripes (2 px)", "1: horizontal stripes (3 px)",
+                                 "2: vertical stripes (2 px)"]
     assert (run / "contact_sheet.png").is_file()

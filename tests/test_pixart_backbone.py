@@ -24,13 +24,7 @@ from bigain.errors import CheckpointError, ConfigError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The models are tiny: a second thread only adds waiting on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def save_tiny_pixart(path, seed: int = 0, *, additional_conditions: bool = True, learned_sigma: bool = True,

@@ -22,13 +22,7 @@ from bigain.errors import ConfigError, RunFolderError
 METHODS = ["none", "tome", "bigain_tm", "sito", "todo", "bigain_td"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tiny models run fastest single-threaded on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _wave(h: int, w: int, fy: float, fx: float) -> torch.Tensor:

@@ -30,8 +30,8 @@ from torch import Tensor, nn
 
 from bigain.errors import ConfigError
 
-__all__ = ["DiffusionBackbone", "DTYPES", "COMPILE_MODES", "CompileMode", "resolve_dtype", "PREDICTION_TYPES",
-           "check_prediction_type", "to_epsilon", "to_sample"]
+__all__ = ["DiffusionBackbone", "VAELatents", "DTYPES", "COMPILE_MODES", "CompileMode", "resolve_dtype",
+           "PREDICTION_TYPES", "check_prediction_type", "to_epsilon", "to_sample"]
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 #: How a task runs its denoiser: eagerly (``none``) or through ``torch.compile`` in one of its modes.
@@ -104,6 +104,25 @@ def resolve_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+class VAELatents:
+    """``encode`` / ``decode`` through a diffusers ``AutoencoderKL`` in ``self.vae``: the posterior mean
+    scaled by ``self.vae_scale`` (the VAE config's ``scaling_factor``), as the latent-diffusion
+    backbones (Stable Diffusion, PixArt) share them. Mix in before :class:`DiffusionBackbone`."""
+
+    vae: nn.Module
+    vae_scale: float
+
+    @torch.no_grad()
+    def encode(self, images: Tensor) -> Tensor:
+        dist = self.vae.encode(images.to(self.device, self.model_dtype)).latent_dist
+        return dist.mean.float() * self.vae_scale
+
+    @torch.no_grad()
+    def decode(self, x0: Tensor) -> Tensor:
+        out = self.vae.decode((x0 / self.vae_scale).to(self.model_dtype)).sample
+        return out.float().clamp(-1, 1)
+
+
 class DiffusionBackbone(nn.Module, ABC):
     """A diffusion model as the tasks see it.
 
@@ -112,7 +131,8 @@ class DiffusionBackbone(nn.Module, ABC):
     scheduler config (checked with :func:`check_prediction_type`) and implement the abstract methods.
     """
 
-    #: ``"unet"`` or ``"dit"``: where compressors attach and how levels/blocks are chosen.
+    #: The denoiser family's name, as its adapter is registered (``"unet"``, ``"dit"``, ``"pixart"``):
+    #: recorded by :meth:`describe`. Where compressors attach is the adapter's business, not this name's.
     family: ClassVar[str] = ""
     #: True when classes are conditioned through text prompts (Stable Diffusion).
     text_conditioned: ClassVar[bool] = False

@@ -27,7 +27,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from bigain.backbones.base import DiffusionBackbone
+from bigain.backbones.base import DiffusionBackbone, VAELatents
 from bigain.backbones.loading import is_local, load_component, load_schedule, require_subfolders
 from bigain.errors import CheckpointError, ConfigError
 
@@ -59,7 +59,7 @@ class PromptConditions:
         return PromptConditions(self.embeds.expand(batch, -1, -1), self.mask.expand(batch, -1))
 
 
-class PixArt(DiffusionBackbone):
+class PixArt(VAELatents, DiffusionBackbone):
     """A PixArt-alpha / PixArt-Sigma pipeline's parts, loaded with diffusers/transformers ``from_pretrained``.
 
     Args:
@@ -133,16 +133,6 @@ class PixArt(DiffusionBackbone):
                               f"use e.g. {max(step, image_size // step * step)}")
         side = image_size // self.latent_factor
         return (self.in_channels, side, side)
-
-    @torch.no_grad()
-    def encode(self, images: Tensor) -> Tensor:
-        dist = self.vae.encode(images.to(self.device, self.model_dtype)).latent_dist
-        return dist.mean.float() * self.vae_scale
-
-    @torch.no_grad()
-    def decode(self, x0: Tensor) -> Tensor:
-        out = self.vae.decode((x0 / self.vae_scale).to(self.model_dtype)).sample
-        return out.float().clamp(-1, 1)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> PromptConditions:

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from bigain.backbones.base import DiffusionBackbone
+from bigain.backbones.base import DiffusionBackbone, VAELatents
 from bigain.backbones.loading import is_local, load_component, load_schedule, require_subfolders
 
 __all__ = ["StableDiffusion"]
@@ -21,7 +21,7 @@ __all__ = ["StableDiffusion"]
 _PARTS = ["unet", "vae", "text_encoder", "tokenizer", "scheduler"]
 
 
-class StableDiffusion(DiffusionBackbone):
+class StableDiffusion(VAELatents, DiffusionBackbone):
     """A Stable Diffusion pipeline's parts, loaded with diffusers/transformers ``from_pretrained``.
 
     Args:
@@ -66,16 +66,6 @@ class StableDiffusion(DiffusionBackbone):
     def latent_shape(self, image_size: int) -> tuple[int, int, int]:
         side = image_size // self.latent_factor
         return (int(self.unet.config.in_channels), side, side)
-
-    @torch.no_grad()
-    def encode(self, images: Tensor) -> Tensor:
-        dist = self.vae.encode(images.to(self.device, self.model_dtype)).latent_dist
-        return dist.mean.float() * self.vae_scale
-
-    @torch.no_grad()
-    def decode(self, x0: Tensor) -> Tensor:
-        out = self.vae.decode((x0 / self.vae_scale).to(self.model_dtype)).sample
-        return out.float().clamp(-1, 1)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> Tensor:
