@@ -106,11 +106,20 @@ def resolve_dtype(name: str) -> torch.dtype:
 
 class VAELatents:
     """``encode`` / ``decode`` through a diffusers ``AutoencoderKL`` in ``self.vae``: the posterior mean
-    scaled by ``self.vae_scale`` (the VAE config's ``scaling_factor``), as the latent-diffusion
+    scaled by :attr:`vae_scale` (the VAE config's ``scaling_factor``), as the latent-diffusion
     backbones (Stable Diffusion, PixArt) share them. Mix in before :class:`DiffusionBackbone`."""
 
     vae: nn.Module
-    vae_scale: float
+
+    @property
+    def vae_scale(self) -> float:
+        """The VAE config's ``scaling_factor``."""
+        return float(self.vae.config.scaling_factor)
+
+    @property
+    def latent_factor(self) -> int:
+        """Pixels per latent pixel along each side: 2 per VAE down block after the first."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @torch.no_grad()
     def encode(self, images: Tensor) -> Tensor:
@@ -147,6 +156,14 @@ class DiffusionBackbone(nn.Module, ABC):
         self.dtype_name = dtype
         self.model_dtype = resolve_dtype(dtype)
         self.compile_mode = "none"
+
+    def use_schedule(self, path: str) -> None:
+        """Read the checkpoint's scheduler config at ``path``: sets ``scheduler_config``,
+        ``prediction_type`` and the ``alphas_cumprod`` buffer (see :func:`bigain.backbones.loading.load_schedule`)."""
+        from bigain.backbones.loading import load_schedule
+
+        self.scheduler_config, self.prediction_type, alphas_cumprod = load_schedule(path)
+        self.register_buffer("alphas_cumprod", alphas_cumprod, persistent=False)
 
     @property
     def num_train_timesteps(self) -> int:

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from bigain.backbones.base import DiffusionBackbone
-from bigain.backbones.loading import is_local, load_component, load_schedule, require_subfolders
+from bigain.backbones.loading import is_local, load_component, require_subfolders
 from bigain.errors import CheckpointError, ConfigError
 
 __all__ = ["DiT", "ToyDiT", "TOY_DIT_PATH"]
@@ -45,8 +45,7 @@ class DiT(DiffusionBackbone):
                                           torch_dtype=dt)
         has_vae = (Path(self.path).expanduser() / "vae").is_dir() if local else True
         self.vae = load_component(AutoencoderKL, self.path, "vae", what="VAE", torch_dtype=dt) if has_vae else None
-        self.scheduler_config, self.prediction_type, alphas_cumprod = load_schedule(self.path)
-        self.register_buffer("alphas_cumprod", alphas_cumprod, persistent=False)
+        self.use_schedule(self.path)
         for module in (self.transformer, self.vae):
             if module is not None:
                 module.eval().requires_grad_(False)

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from bigain.backbones.base import DiffusionBackbone, VAELatents
-from bigain.backbones.loading import is_local, load_component, load_schedule, require_subfolders
+from bigain.backbones.loading import is_local, load_component, require_subfolders
 from bigain.errors import CheckpointError, ConfigError
 
 __all__ = ["PixArt", "PromptConditions"]
@@ -98,8 +98,7 @@ class PixArt(VAELatents, DiffusionBackbone):
         self.text_encoder = load_component(T5EncoderModel, self.path, "text_encoder", what="T5 text encoder",
                                            torch_dtype=dt)
         self.tokenizer = load_component(AutoTokenizer, self.path, "tokenizer", what="T5 tokenizer")
-        self.scheduler_config, self.prediction_type, alphas_cumprod = load_schedule(self.path)
-        self.register_buffer("alphas_cumprod", alphas_cumprod, persistent=False)
+        self.use_schedule(self.path)
         for module in (self.transformer, self.vae, self.text_encoder):
             module.eval().requires_grad_(False)
         self.denoiser = self.transformer
@@ -119,8 +118,6 @@ class PixArt(VAELatents, DiffusionBackbone):
         self.patch_size = int(cfg.patch_size)
         self.max_sequence_length = max_sequence_length
         self.text_batch = text_batch
-        self.vae_scale = float(self.vae.config.scaling_factor)
-        self.latent_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self._class_prompts: tuple[str, ...] = ()
         self._class_cond: PromptConditions | None = None
         self._null: PromptConditions | None = None

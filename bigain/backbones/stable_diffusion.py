@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from bigain.backbones.base import DiffusionBackbone, VAELatents
-from bigain.backbones.loading import is_local, load_component, load_schedule, require_subfolders
+from bigain.backbones.loading import is_local, load_component, require_subfolders
 
 __all__ = ["StableDiffusion"]
 
@@ -52,14 +52,11 @@ class StableDiffusion(VAELatents, DiffusionBackbone):
         self.text_encoder = load_component(CLIPTextModel, self.path, "text_encoder", what="text encoder",
                                            torch_dtype=dt)
         self.tokenizer = load_component(CLIPTokenizer, self.path, "tokenizer", what="tokenizer")
-        self.scheduler_config, self.prediction_type, alphas_cumprod = load_schedule(self.path)
-        self.register_buffer("alphas_cumprod", alphas_cumprod, persistent=False)
+        self.use_schedule(self.path)
         for module in (self.unet, self.vae, self.text_encoder):
             module.eval().requires_grad_(False)
         self.denoiser = self.unet
         self.text_batch = text_batch
-        self.vae_scale = float(self.vae.config.scaling_factor)
-        self.latent_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self._class_prompts: tuple[str, ...] = ()
         self._class_emb: Tensor | None = None
 
