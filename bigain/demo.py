@@ -1,7 +1,8 @@
-"""``bigain demo``: every compressor on both jobs, on the bundled toy model, in minutes on a CPU.
+"""``bigain demo``: every compressor on both jobs, on the bundled toy models, in minutes on a CPU.
 
-The demo is a sweep (:mod:`bigain.sweep`) over the toy dataset - classification with the adaptive
-Diffusion Classifier protocol and class-conditional generation - followed by the report
+The demo is a sweep (:mod:`bigain.sweep`) over the toy dataset and the two toy denoisers (the DiT
+and the UNet, :data:`bigain.toy.TOY_DENOISERS`) - classification with the adaptive Diffusion
+Classifier protocol and class-conditional generation - followed by the report
 (:mod:`bigain.reporting`) and a plain-language reading of what the numbers show. Its defaults trade
 images and protocol size for its time budget and say so in ``report.md``.
 """
@@ -16,9 +17,12 @@ from typing import Any
 import pandas as pd
 
 from bigain.metric import get_metric
-from bigain.toy import TOY_COMPRESSED_BLOCKS
+from bigain.toy import TOY_DENOISERS
 
-__all__ = ["DEMO_COMPRESSORS", "demo_sweep", "findings", "write_demo_report"]
+__all__ = ["DEMO_COMPRESSORS", "DEMO_BACKBONES", "demo_sweep", "findings", "write_demo_report"]
+
+#: The toy denoisers the demo runs (``--backbones`` narrows it), by their sweep label.
+DEMO_BACKBONES: tuple[str, ...] = tuple(TOY_DENOISERS)
 
 #: What the demo compares (``--methods`` narrows it).
 DEMO_COMPRESSORS: list[Any] = [
@@ -33,8 +37,10 @@ DEMO_COMPRESSORS: list[Any] = [
 
 def demo_sweep(*, out: str | Path, quick: bool, images: int | None = None, gen_per_class: int | None = None,
                methods: list[str] | None = None, accelerator: str = "auto", dtype: str = "float32",
-               tasks: tuple[str, ...] = ("classify", "generate"), compile: str = "none") -> dict[str, Any]:
-    """The sweep specification the demo runs."""
+               tasks: tuple[str, ...] = ("classify", "generate"), compile: str = "none",
+               backbones: tuple[str, ...] = DEMO_BACKBONES) -> dict[str, Any]:
+    """The sweep specification the demo runs: every compressor on each toy denoiser in ``backbones``
+    (``dit``, ``unet``), the cells in ``<task>/toy/<backbone>/<method>``."""
     images = images if images is not None else (30 if quick else 100)
     per_class = gen_per_class if gen_per_class is not None else (2 if quick else 4)
     compressors = DEMO_COMPRESSORS
@@ -46,18 +52,23 @@ def demo_sweep(*, out: str | Path, quick: bool, images: int | None = None, gen_p
             compressors.insert(0, "none")  # the baseline every method is compared with
     trainer = {"accelerator": accelerator, "devices": 1, "enable_progress_bar": False}
     protocol = {"n_samples": [3, 8], "to_keep": [3, 1]} if quick else {"n_samples": [4, 10], "to_keep": [3, 1]}
+    unknown = [b for b in backbones if b not in TOY_DENOISERS]
+    if unknown or not backbones:
+        from bigain.errors import ConfigError
+
+        raise ConfigError(f"the demo's backbones are {', '.join(TOY_DENOISERS)}, got {list(backbones)}")
     return {
         "out": str(out),
         "tasks": list(tasks),
+        "backbones": [{"label": b, "model": {"backbone": TOY_DENOISERS[b]["backbone"],
+                                              "blocks": TOY_DENOISERS[b]["blocks"]}} for b in backbones],
         "datasets": [{"class_path": "toy", "label": "toy",
                       "init_args": {"length": images, "batch_size": 4}}],
         "compressors": compressors,
-        "classify": {"model": {"backbone": "toy", "backbone_options": {"dtype": dtype}, "compile": compile,
-                               "blocks": list(TOY_COMPRESSED_BLOCKS),
+        "classify": {"model": {"backbone_options": {"dtype": dtype}, "compile": compile,
                                "batch_size": 128, **protocol},
                      "trainer": trainer},
-        "generate": {"model": {"backbone": "toy", "backbone_options": {"dtype": dtype}, "compile": compile,
-                               "blocks": list(TOY_COMPRESSED_BLOCKS),
+        "generate": {"model": {"backbone_options": {"dtype": dtype}, "compile": compile,
                                "steps": 10 if quick else 25, "guidance_scale": 4.0,
                                "feature_extractor": "toy", "fidelity_classifier": "toy",
                                "metrics": ["fid", "kid", "class_fidelity"]},
@@ -98,7 +109,23 @@ def _head_to_head(records: pd.DataFrame | None, a: pd.Series | None, b: pd.Serie
 
 
 def findings(summary: pd.DataFrame, records: pd.DataFrame | None = None) -> list[str]:
-    """Plain sentences on what the numbers show - including where BiGain does not win."""
+    """Plain sentences on what the numbers show - including where BiGain does not win - for each
+    toy denoiser in ``summary`` (named in front of its sentences when there are several)."""
+    if summary.empty or "backbone" not in summary:
+        return _findings(summary, records)
+    names = {spec["backbone"]: spec["label"] for spec in TOY_DENOISERS.values()}
+    backbones = list(dict.fromkeys(summary["backbone"].dropna()))
+    if len(backbones) <= 1:
+        return _findings(summary, records)
+    out: list[str] = []
+    for backbone in backbones:
+        name = names.get(backbone, backbone)
+        part = summary[summary["backbone"] == backbone]
+        out += [f"{name[0].upper()}{name[1:]}: {s}" for s in _findings(part, records)]
+    return out
+
+
+def _findings(summary: pd.DataFrame, records: pd.DataFrame | None = None) -> list[str]:
     out: list[str] = []
     base = _pick(summary, "classify", "none")
     base_acc = _num(base, "accuracy")
@@ -140,24 +167,25 @@ def findings(summary: pd.DataFrame, records: pd.DataFrame | None = None) -> list
                 fastest = speeds.sort_values("speedup").iloc[-1]
                 parts.append(f"{fastest['speedup']:.2f}x in {what} ({fastest['method']})")
         if parts:
-            out.append(f"Measured speed-ups on this machine stay small on the toy (256 tokens: attention is a small "
-                       f"share of the work); the largest are {' and '.join(parts)}. Speed claims need "
-                       f"`bigain bench` on an SD-sized model.")
+            out.append(f"Measured speed-ups on this machine (denoiser time): the largest are {' and '.join(parts)}. "
+                       f"A toy model is small (attention is a modest share of its work), so speed claims at "
+                       f"Stable Diffusion scale need `bigain bench` on an SD-sized model.")
     return out
 
 
 def write_demo_report(out: Path, report: dict[str, Any], settings: dict[str, Any]) -> Path:
     """``report.md``: settings, findings, the tables and plots of the sweep report."""
     summary = report["summary"]
-    lines = ["# bigain demo: every compressor on both jobs, on the toy model", ""]
+    lines = ["# bigain demo: every compressor on both jobs, on the toy models", ""]
     lines += ["## Settings", ""] + [f"- {k}: {v}" for k, v in settings.items()] + [""]
     lines += ["## What the numbers show", ""] + [f"- {s}" for s in findings(summary, report["records"])] + [""]
     body = report["markdown"].split("\n", 1)[1] if report["markdown"].startswith("# ") else report["markdown"]
     body = body.replace("](", "](report/")
     lines += [body, ""]
-    sheets = sorted(Path(out).glob("generate/toy/*/contact_sheet.png"))
+    sheets = sorted(Path(out).glob("generate/toy/**/contact_sheet.png"))
     if sheets:
-        lines += ["## Samples", ""] + [f"![{p.parent.name}]({p.relative_to(out)})" for p in sheets] + [""]
+        lines += ["## Samples", ""] + [f"![{p.parent.relative_to(Path(out) / 'generate' / 'toy')}]"
+                                       f"({p.relative_to(out)})" for p in sheets] + [""]
     path = Path(out) / "report.md"
     path.write_text("\n".join(lines))
     return path

@@ -17,7 +17,14 @@ A sweep file::
       model: {backbone: toy, steps: 50}
 
 Each cell is ``<out>/<task>/<dataset>/<method>`` holding ``cell.yaml`` (its full config), the run's
-files and ``log.txt``. Finished cells (``run.json`` complete, same ``cell.yaml``) are skipped; a cell
+files and ``log.txt``. An optional ``backbones`` axis runs every cell on each of several models::
+
+    backbones:                         # each label's model options are laid over the tasks' model sections
+      - {label: dit, model: {backbone: toy, blocks: [1, 2, 3, 4]}}
+      - {label: unet, model: {backbone: toy-unet}}
+
+and the cells become ``<out>/<task>/<dataset>/<label>/<method>`` (the label's keys replace the task's
+keys of the same name). Finished cells (``run.json`` complete, same ``cell.yaml``) are skipped; a cell
 that fails is recorded with its error in ``sweep.json`` and the others go on. SIGINT (Ctrl-C) or
 SIGTERM stops the sweep: the running cell saves what it finished and is recorded as
 ``interrupted``, no later cell starts, and running the sweep again resumes it. One sweep at a time
@@ -59,6 +66,7 @@ class Cell:
     method: str
     folder: Path
     config: dict[str, Any]
+    backbone: str | None = None
 
     @property
     def config_text(self) -> str:
@@ -100,6 +108,26 @@ def _dataset_section(entry: Any) -> tuple[str, dict[str, Any]]:
     return _label(label), section
 
 
+def _backbone_axis(spec: dict[str, Any]) -> list[tuple[str | None, dict[str, Any]]]:
+    entries = spec.get("backbones")
+    if entries is None:
+        return [(None, {})]
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError("sweep backbones must be a non-empty list of {label:, model: {backbone: ..., ...}}")
+    out = []
+    for entry in entries:
+        if not isinstance(entry, dict) or set(entry) - {"label", "model"} or not isinstance(entry.get("model"), dict):
+            raise ConfigError(f"a sweep backbone must be {{label:, model: {{backbone: ..., ...}}}}, got {entry!r}")
+        label = _label(entry.get("label") or entry["model"].get("backbone") or "")
+        if not label:
+            raise ConfigError(f"sweep backbone {entry!r} needs a label or a model.backbone")
+        out.append((label, dict(entry["model"])))
+    labels = [label for label, _ in out]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"sweep backbone labels must differ (they name the cells' folders), got {labels}")
+    return out
+
+
 def expand_sweep(spec: dict[str, Any], out: str | Path | None = None) -> list[Cell]:
     """The cells of a sweep, validated (unknown tasks or compressor options fail before any run)."""
     out = Path(out or spec.get("out") or "runs/sweep")
@@ -109,10 +137,12 @@ def expand_sweep(spec: dict[str, Any], out: str | Path | None = None) -> list[Ce
         raise ConfigError(f"unknown sweep task(s) {bad}; tasks are {list(TASKS)}")
     datasets = [_dataset_section(d) for d in (spec.get("datasets") or ["toy"])]
     compressors = [c for entry in (spec.get("compressors") or ["none"]) for c in _compressor_configs(entry)]
+    backbones = _backbone_axis(spec)
     cells = []
-    for task, (dlabel, dsection), (name, options) in itertools.product(tasks, datasets, compressors):
+    for task, (dlabel, dsection), (blabel, bmodel), (name, options) in itertools.product(
+            tasks, datasets, backbones, compressors):
         base = copy.deepcopy(spec.get(task) or {})
-        model = dict(base.get("model") or {})
+        model = {**dict(base.get("model") or {}), **copy.deepcopy(bmodel)}
         model["compressor"] = name
         model["compressor_options"] = options
         data = copy.deepcopy(dsection)
@@ -120,7 +150,8 @@ def expand_sweep(spec: dict[str, Any], out: str | Path | None = None) -> list[Ce
         data["init_args"] = {**(data.get("init_args") or {}), **overrides}  # per-task data options
         config = {**base, "model": model, "data": data}
         method = name + "".join(f"-{k}{_label(v)}" for k, v in sorted(options.items()))
-        cells.append(Cell(task, dlabel, method, out / task / dlabel / method, config))
+        folder = out / task / dlabel / blabel / method if blabel else out / task / dlabel / method
+        cells.append(Cell(task, dlabel, method, folder, config, blabel))
     return cells
 
 
@@ -218,6 +249,8 @@ def _run_cells(cells: list[Cell], root: Path, *, in_process: bool, extra_args: l
 
     for i, cell in enumerate(cells):
         entry = {"task": cell.task, "dataset": cell.dataset, "method": cell.method, "folder": str(cell.folder)}
+        if cell.backbone:
+            entry["backbone"] = cell.backbone
         results.append(entry)
         if _finished(cell):
             entry["status"] = "skipped (finished)"

@@ -197,9 +197,11 @@ def test_toy_train_writes_under_runs_by_default_never_into_the_package(tmp_path,
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs" / "toy-train").mkdir(parents=True)
     shutil.copy(ASSETS / "classifier.safetensors", tmp_path / "runs" / "toy-train")
-    code, _, err = bigain("toy", "train", "--steps", "1", "--batch_size", "2", "--classifier_steps", "0", "--no_eval")
+    code, _, err = bigain("toy", "train", "--steps", "1", "--unet_steps", "1", "--batch_size", "2",
+                          "--classifier_steps", "0", "--no_eval")
     assert code == 0, err
     assert (tmp_path / "runs" / "toy-train" / "toy-dit" / "transformer" / "config.json").is_file()
+    assert (tmp_path / "runs" / "toy-train" / "toy-unet" / "unet" / "config.json").is_file()
     assert sorted(p.name for p in ASSETS.iterdir()) == before
 
 

@@ -63,3 +63,23 @@ def test_sweep_command_writes_the_report(dit_path, tmp_path):
     assert main(["sweep", "--config", str(path), "--in_process"]) == 0
     assert (tmp_path / "sw" / "report" / "summary.md").is_file()
     assert "todo" in (tmp_path / "sw" / "report" / "summary.md").read_text()
+
+
+def test_a_backbones_axis_runs_every_cell_on_each_model_in_its_own_folder(tmp_path):
+    spec = {"tasks": ["classify"], "datasets": ["toy"], "compressors": ["none", "tome"],
+            "classify": {"model": {"backbone": "toy", "backbone_options": {"dtype": "bfloat16"}, "n_samples": [2]}},
+            "backbones": [{"label": "a", "model": {"backbone": "toy", "blocks": [1]}},
+                          {"model": {"backbone": "toy-unet"}}]}
+    cells = expand_sweep(spec, tmp_path)
+    assert [c.folder.relative_to(tmp_path).as_posix() for c in cells] == [
+        "classify/toy/a/none", "classify/toy/a/tome", "classify/toy/toy-unet/none", "classify/toy/toy-unet/tome"]
+    assert cells[0].config["model"] == {"backbone": "toy", "backbone_options": {"dtype": "bfloat16"}, "n_samples": [2],
+                                        "blocks": [1], "compressor": "none", "compressor_options": {}}
+    assert cells[2].config["model"]["backbone"] == "toy-unet" and "blocks" not in cells[2].config["model"]
+    assert [c.backbone for c in cells] == ["a", "a", "toy-unet", "toy-unet"]
+    assert [c.folder.name for c in expand_sweep({**spec, "backbones": None}, tmp_path)] == ["none", "tome"]
+    for bad, why in (([], "non-empty list"), ([{"model": "toy"}], "label:, model:"),
+                     ([{"label": "x", "model": {}, "extra": 1}], "label:, model:"), ([{"model": {}}], "needs a label"),
+                     ([{"label": "x", "model": {"backbone": "toy"}}] * 2, "must differ")):
+        with pytest.raises(ConfigError, match=why):
+            expand_sweep({**spec, "backbones": bad}, tmp_path)

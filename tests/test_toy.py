@@ -66,7 +66,8 @@ def test_demo_quick_end_to_end(tmp_path):
     assert "bigain_tm beats tome" in report or "bigain_tm does not beat tome" in report or "ties" in report
     for name in ("summary.csv", "summary.md", "summary.html", "accuracy_vs_speedup.png", "fid_vs_speedup.png"):
         assert (out / "report" / name).is_file(), name
-    assert len(list(out.glob("generate/toy/*/contact_sheet.png"))) == 5
+    assert len(list(out.glob("generate/toy/*/*/contact_sheet.png"))) == 10  # 5 methods x 2 toy backbones
+    assert "Toy UNet: Classification at merge ratio 0.7" in report
 
 
 def test_training_can_continue_from_a_saved_toy_dit(tmp_path):
@@ -103,13 +104,14 @@ def test_toy_train_can_keep_the_shipped_classifier(tmp_path, capsys):
 
     from bigain.cli import main
 
-    args = ["toy", "train", "--out", str(tmp_path), "--steps", "1", "--batch_size", "2",
+    args = ["toy", "train", "--out", str(tmp_path), "--steps", "1", "--batch_size", "2", "--denoisers", "dit",
             "--classifier_steps", "0", "--no_eval"]
     assert main(args) != 0  # no classifier to keep in an empty folder: a clear error, nothing trained
     assert "no classifier.safetensors" in capsys.readouterr().err and not (tmp_path / "toy-dit").exists()
     shutil.copy(ASSETS / "classifier.safetensors", tmp_path)
     assert main(args) == 0
     assert (tmp_path / "toy-dit" / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
+    assert not (tmp_path / "toy-unet").exists()  # --denoisers dit: the UNet is left alone
     kept = (tmp_path / "classifier.safetensors").read_bytes()
     assert kept == (ASSETS / "classifier.safetensors").read_bytes()
 
@@ -125,3 +127,94 @@ def test_demo_findings_name_the_fastest_method_of_each_task():
     speed = [line for line in findings(summary) if line.startswith("Measured speed-ups")]
     assert len(speed) == 1 and "1.14x in classification (todo)" in speed[0]
     assert "1.55x in generation (bigain_td)" in speed[0]
+
+
+@pytest.fixture(scope="module")
+def trained_toy_unet(tmp_path_factory):
+    """A toy UNet folder as `bigain toy train` writes it (two training steps)."""
+    from bigain.toy.train import train_toy_unet
+
+    return train_toy_unet(tmp_path_factory.mktemp("toy-unet"), steps=2, batch_size=2, train_images=4, bf16=False)
+
+
+def test_a_trained_toy_unet_loads_conditions_on_its_prompts_and_is_compressed_at_full_resolution(trained_toy_unet):
+    import bigain
+    from bigain.backbones import create_backbone
+    from bigain.toy.train import TOY_PROMPT_TOKENS
+
+    backbone = create_backbone("toy-unet", path=str(trained_toy_unet))
+    assert backbone.family == "unet" and backbone.num_model_classes == 10 and backbone.null_class == 10
+    assert backbone.latent_shape(32) == (3, 32, 32) and backbone.prompts.shape == (11, TOY_PROMPT_TOKENS, 64)
+    assert backbone.unet.dtype == torch.float32  # stored in float16, run in the dtype asked for
+    backbone.set_classes(prompts=list(TOY_CLASSES))
+    cond = backbone.class_conditions(torch.tensor([0, 7]))
+    assert cond.tolist() == [0, 7] and backbone.null_conditions(2).tolist() == [10, 10]
+    x, t = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([900, 900])
+    with torch.no_grad():
+        # the prediction is the UNet's on the class prompt (checked against a direct call)
+        direct = backbone.unet(x, t, encoder_hidden_states=backbone.prompts[cond]).sample
+        assert torch.equal(backbone.predict_noise(x, t, cond), direct)
+        other = backbone.predict_noise(x, t, torch.tensor([1, 7]))
+        assert not torch.equal(other[0], direct[0]) and torch.equal(other[1], direct[1])
+        handle = bigain.apply(backbone.denoiser, "tome", ratio=0.5)
+        compressed = backbone.predict_noise(x, t, cond)
+    stats = handle.stats()
+    handle.remove()
+    assert not torch.equal(compressed, direct)
+    assert stats and all(s["level"] == 1 and s["grid"] == [32, 32] and s["compressed_calls"] == 1 for s in stats)
+    assert {s["tokens_in"] for s in stats} == {1024.0} and {s["queries"] for s in stats} == {512.0}
+
+
+def test_a_toy_unet_folder_without_its_prompt_table_is_refused(trained_toy_unet, tmp_path):
+    import shutil
+
+    from bigain.backbones.toy_unet import ToyUNet
+    from bigain.errors import CheckpointError
+
+    broken = tmp_path / "toy-unet"
+    shutil.copytree(trained_toy_unet, broken)
+    (broken / "class_prompts.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="class_prompts.safetensors"):
+        ToyUNet(path=str(broken))
+    from safetensors.torch import save_file
+
+    save_file({"prompts": torch.zeros(11, 4, 32)}, str(broken / "class_prompts.safetensors"))  # wrong width
+    with pytest.raises(CheckpointError, match=r"\[classes \+ 1, tokens, 64\]"):
+        ToyUNet(path=str(broken))
+
+
+def test_the_demo_runs_every_method_on_each_toy_backbone_in_its_own_folder(tmp_path):
+    from bigain.demo import demo_sweep
+    from bigain.errors import ConfigError
+    from bigain.sweep import expand_sweep
+
+    cells = expand_sweep(demo_sweep(out=tmp_path, quick=True, methods=["tome"]))
+    by_folder = {c.folder.relative_to(tmp_path).as_posix(): c for c in cells}
+    assert sorted(by_folder) == [f"{task}/toy/{b}/{m}" for task in ("classify", "generate") for b in ("dit", "unet")
+                                 for m in ("none", "tome-ratio0.5", "tome-ratio0.7")]
+    dit, unet = by_folder["classify/toy/dit/tome-ratio0.7"], by_folder["classify/toy/unet/tome-ratio0.7"]
+    assert dit.config["model"]["backbone"] == "toy" and dit.config["model"]["blocks"] == [1, 2, 3, 4]
+    assert unet.config["model"]["backbone"] == "toy-unet" and unet.config["model"]["blocks"] == "paper"
+    assert unet.config["model"]["backbone_options"] == dit.config["model"]["backbone_options"]  # the task's, kept
+    assert unet.backbone == "unet" and unet.config["model"]["n_samples"] == [3, 8]
+    only = expand_sweep(demo_sweep(out=tmp_path, quick=True, methods=["tome"], backbones=("unet",)))
+    assert {c.backbone for c in only} == {"unet"}
+    with pytest.raises(ConfigError, match="dit, unet"):
+        demo_sweep(out=tmp_path, quick=True, backbones=("sd3",))
+
+
+def test_findings_are_said_per_backbone_when_there_are_several():
+    import pandas as pd
+
+    from bigain.demo import findings
+
+    rows = [("toy", "none", 0.9), ("toy", "tome", 0.8), ("toy", "bigain_tm", 0.85),
+            ("toy-unet", "none", 0.95), ("toy-unet", "tome", 0.7), ("toy-unet", "bigain_tm", 0.6)]
+    summary = pd.DataFrame([{"task": "classify", "backbone": b, "method": m, "accuracy": a,
+                             "hyperparameters": "{}" if m == "none" else '{"ratio": 0.7}'} for b, m, a in rows])
+    lines = findings(summary)
+    assert any(line.startswith("Toy DiT: Classification at merge ratio 0.7") and "bigain_tm beats tome" in line
+               for line in lines)
+    assert any(line.startswith("Toy UNet: Classification at merge ratio 0.7") and "does not beat" in line
+               for line in lines)
+    assert findings(summary[summary["backbone"] == "toy"])[0].startswith("Classification")  # one model: unprefixed

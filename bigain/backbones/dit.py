@@ -2,23 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from bigain.backbones.base import DiffusionBackbone
+from bigain.backbones.base import ClassLabels, DiffusionBackbone
 from bigain.backbones.loading import is_local, load_component, require_subfolders
-from bigain.errors import CheckpointError, ConfigError
+from bigain.errors import CheckpointError
 
 __all__ = ["DiT", "ToyDiT", "TOY_DIT_PATH"]
 
 TOY_DIT_PATH = Path(__file__).resolve().parents[1] / "toy" / "assets" / "toy-dit"
 
 
-class DiT(DiffusionBackbone):
+class DiT(ClassLabels, DiffusionBackbone):
     """A ``DiTTransformer2DModel`` (+ VAE when the checkpoint has one), loaded with ``from_pretrained``.
 
     Args:
@@ -57,7 +56,6 @@ class DiT(DiffusionBackbone):
         self.null_class: int | None = self.num_model_classes if table.num_embeddings > self.num_model_classes else None
         self.vae_scale = float(self.vae.config.scaling_factor) if self.vae is not None else 1.0
         self.latent_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
-        self._label_ids: Tensor | None = None
 
     def latent_shape(self, image_size: int) -> tuple[int, int, int]:
         side = image_size // self.latent_factor
@@ -75,38 +73,6 @@ class DiT(DiffusionBackbone):
         if self.vae is None:
             return x0.float().clamp(-1, 1)
         return self.vae.decode((x0 / self.vae_scale).to(self.model_dtype)).sample.float().clamp(-1, 1)
-
-    def set_classes(self, *, prompts: Sequence[str], label_ids: Sequence[int] | None = None) -> None:
-        k = len(prompts)
-        if label_ids is None and k != self.num_model_classes:
-            raise ConfigError(
-                f"the dataset has {k} classes with no ids in this DiT's label space ({self.num_model_classes} "
-                f"classes): a class-conditional model can only score classes it was trained on. Use a dataset "
-                f"whose datamodule maps its classes to the model's ids (label_ids; ImageNet and ImageNet-100 "
-                f"do, for DiT-XL/2), or a text-conditioned model (stable-diffusion) for other datasets"
-            )
-        ids = list(range(k)) if label_ids is None else [int(i) for i in label_ids]
-        if len(ids) != k:
-            raise ConfigError(f"label_ids has {len(ids)} entries for {k} classes")
-        bad = [i for i in ids if not 0 <= i < self.num_model_classes]
-        if bad:
-            raise ConfigError(
-                f"this DiT knows {self.num_model_classes} classes, but the dataset's classes map to ids "
-                f"{bad[:5]}...; use a dataset in the model's label space (ImageNet / ImageNet-100 for "
-                f"DiT-XL/2) or a datamodule whose label_ids map into it"
-            )
-        self._label_ids = torch.tensor(ids, dtype=torch.long)
-
-    def class_conditions(self, classes: Tensor) -> Tensor:
-        if self._label_ids is None:
-            raise RuntimeError("call set_classes(...) before class_conditions")
-        return self._label_ids.to(classes.device)[classes].to(self.device)
-
-    def null_conditions(self, batch: int) -> Tensor:
-        if self.null_class is None:
-            raise ConfigError("this DiT was trained without label dropout: it has no null class for guidance; "
-                              "use guidance_scale=1")
-        return torch.full((batch,), self.null_class, dtype=torch.long, device=self.device)
 
     def predict_output(self, x_t: Tensor, t: Tensor, cond: Any) -> Tensor:
         out = self.transformer(x_t.to(self.device, self.model_dtype), timestep=t.to(self.device),

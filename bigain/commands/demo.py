@@ -1,10 +1,12 @@
 """The main job: compare every compressor on both jobs - classification and generation - on the
-bundled toy model, with no GPU and no downloads, and write a report.
+two bundled toy models (a DiT and a UNet), with no GPU and no downloads, and write a report.
 
-Compared: none; tome, bigain_tm and sito at ratios 0.5 and 0.7; todo and bigain_td at factor 2.
-Results go to --out (default runs/demo): report.md (settings, what the numbers show, tables,
-plots, sample contact sheets), report/ (summary.csv, summary.md, summary.html, plots), and one run
-folder per (task, method). A second run reuses the finished cells; Ctrl-C stops the demo (exit
+Compared: none; tome, bigain_tm and sito at ratios 0.5 and 0.7; todo and bigain_td at factor 2,
+on the toy DiT (blocks 1-4 of 6 compressed) and the toy UNet (its full-resolution level, as on
+Stable Diffusion); --backbones dit (or unet) runs one of them. Results go to --out (default
+runs/demo): report.md (settings, what the numbers show, tables, plots, sample contact sheets),
+report/ (summary.csv, summary.md, summary.html, plots), and one run folder per (task, backbone,
+method). A second run reuses the finished cells; Ctrl-C stops the demo (exit
 status 130) and the same command continues it. --quick runs a smaller version
 (fewer images, a shorter protocol) in about two minutes.
 """
@@ -31,6 +33,8 @@ def build_parser():
                         help="only these compressors (plus none), e.g. --methods tome bigain_tm")
     parser.add_argument("--tasks", type=Literal["classify", "generate"], nargs="+", default=["classify", "generate"],
                         help="the jobs to run")
+    parser.add_argument("--backbones", type=Literal["dit", "unet"], nargs="+", default=["dit", "unet"],
+                        help="the toy denoisers to run: dit (the toy DiT), unet (the toy UNet) or both")
     parser.add_argument("--accelerator", type=str, default="auto", help="auto (a GPU when there is one), cpu, gpu")
     parser.add_argument("--dtype", type=DTypeOrAuto, default="auto",
                         help="precision the toy model runs in: auto, float32 (fp32), bfloat16 (bf16) or float16 "
@@ -64,7 +68,7 @@ def run(args: Any) -> int:
     print(f"bigain demo: precision {args.dtype} ({why})", file=sys.stderr)
     spec = demo_sweep(out=out, quick=args.quick, images=args.images, gen_per_class=args.gen_per_class,
                       methods=args.methods, accelerator=args.accelerator, dtype=args.dtype, tasks=tuple(args.tasks),
-                      compile=args.compile)
+                      compile=args.compile, backbones=tuple(args.backbones))
     cells = expand_sweep(spec)
     start = time.perf_counter()
     bar = tqdm(total=len(cells), desc="demo", unit="run", file=sys.stderr)
@@ -82,9 +86,12 @@ def run(args: Any) -> int:
                           title="bigain demo")
     cls = spec["classify"]["model"]
     reused = sum(entry["status"].startswith("skipped") for entry in result["cells"])
+    models = {"dit": "bundled toy DiT (pixel space, 6 blocks, 256 tokens); compressed blocks: 1-4 (all but the "
+                     "first and last; the paper's selection scaled to 6 blocks would be 1-2 only)",
+              "unet": "bundled toy UNet (pixel space, self-attention at 32x32 and 16x16); compressed: the "
+                      "full-resolution level (1024 tokens), the paper's Stable Diffusion selection"}
     settings = {
-        "model": "bundled toy DiT (pixel space, 6 blocks, 256 tokens); compressed blocks: 1-4 (all but the "
-                 "first and last; the paper's selection scaled to 6 blocks would be 1-2 only)",
+        "models": "; ".join(models[b] for b in args.backbones),
         "classification": f"{spec['datasets'][0]['init_args']['length']} toy test images; adaptive protocol "
                           f"n_samples={cls['n_samples']}, to_keep={cls['to_keep']} (smaller than the paper's "
                           f"[5, 20] / [5, 1], to fit the time budget)",

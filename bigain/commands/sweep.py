@@ -32,6 +32,9 @@ def build_parser():
                         help="datamodules: a registered name, or {class_path:, init_args:, label:}")
     parser.add_argument("--compressors", type=list[str | dict[str, Any]], default=["none"],
                         help="compressors: a name, or {name:, options: {...}, grid: {option: [values]}}")
+    parser.add_argument("--backbones", type=list[dict[str, Any]] | None, default=None,
+                        help="optional: run every cell on each of these models, {label:, model: {backbone: ..., "
+                             "...}} laid over the tasks' model sections (cells in <task>/<dataset>/<label>/)")
     for task in ("classify", "generate"):
         for section in _TASK_SECTIONS:
             note = "; its init_args override each dataset's" if section == "data" else ""
@@ -51,6 +54,8 @@ def sweep_spec(cfg: Any) -> dict[str, Any]:
     """The sweep specification (as :func:`bigain.sweep.run_sweep` takes it) from the parsed options."""
     spec: dict[str, Any] = {"out": cfg.out, "tasks": list(cfg.tasks), "datasets": list(cfg.datasets),
                             "compressors": list(cfg.compressors)}
+    if cfg.backbones:
+        spec["backbones"] = list(cfg.backbones)
     for task in ("classify", "generate"):
         section = {k: v for k, v in vars(cfg[task]).items() if v is not None}
         if section:
@@ -71,7 +76,7 @@ def run(cfg: Any) -> int:
     cells = expand_sweep(spec)
     if cfg.dry_run:
         for cell in cells:
-            print(f"{cell.task:9s} {cell.dataset:12s} {cell.method:32s} {cell.folder}")
+            print(f"{cell.task:9s} {cell.dataset:12s} {cell.backbone or '-':10s} {cell.method:32s} {cell.folder}")
         return 0
     bar = tqdm(total=len(cells), desc="sweep", unit="cell", file=sys.stderr)
 

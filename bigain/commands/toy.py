@@ -1,15 +1,17 @@
 """Train, evaluate and document the bundled toy models.
 
-  bigain toy train [--out DIR]        train the toy classifier (a few minutes) and the toy DiT (just
-                                      under an hour on 2 CPU cores) into DIR (default runs/toy-train),
-                                      then evaluate them and write DIR/MODEL_CARD.md;
-                                      --classifier_steps 0 keeps the classifier already in DIR
+  bigain toy train [--out DIR]        train the toy classifier (a few minutes), the toy DiT and the toy
+                                      UNet (about an hour each on 2 CPU cores) into DIR (default
+                                      runs/toy-train), then evaluate them and write DIR/MODEL_CARD.md;
+                                      --classifier_steps 0 keeps the classifier already in DIR,
+                                      --denoisers dit (or unet) trains one denoiser only
   bigain toy evaluate [--assets DIR]  measure the models in DIR again and rewrite its MODEL_CARD.md
                                       (default: the bundled models, in the package's assets folder)
 
 The models bigain ships (what `bigain demo` and the `toy` backbone load) are in the package's assets
-folder; training never writes there. To use models you trained, point the toy backbone at them:
-`--model.backbone_options '{path: DIR/toy-dit}'` (and `toy:DIR/classifier.safetensors` as feature
+folder; training never writes there. To use models you trained, point the toy backbones at them:
+`--model.backbone toy --model.backbone_options '{path: DIR/toy-dit}'` or `--model.backbone toy-unet
+--model.backbone_options '{path: DIR/toy-unet}'` (and `toy:DIR/classifier.safetensors` as feature
 extractor or fidelity classifier). `bigain toy train --help` lists the options of each action.
 """
 
@@ -39,18 +41,21 @@ def _evaluation_options(parser) -> None:
 def build_parser():
     parser = new_parser("toy", __doc__)
     actions = parser.add_subcommands(dest="action")
-    train = new_parser("toy train", "Train the toy classifier and the toy DiT into --out, then evaluate them and "
-                                    "write MODEL_CARD.md there.")
+    train = new_parser("toy train", "Train the toy classifier, the toy DiT and the toy UNet into --out, then "
+                                    "evaluate them and write MODEL_CARD.md there.")
     train.add_argument("--out", type=str, default=DEFAULT_TRAIN_DIR,
                        help="the folder the models, training logs and model card are written to")
+    train.add_argument("--denoisers", type=Literal["dit", "unet"], nargs="+", default=["dit", "unet"],
+                       help="the toy denoisers to train: dit, unet or both")
     train.add_argument("--steps", type=int, default=9000, help="DiT training steps")
-    train.add_argument("--batch_size", type=int, default=32, help="DiT training batch size")
+    train.add_argument("--unet_steps", type=int, default=2500, help="UNet training steps")
+    train.add_argument("--batch_size", type=int, default=32, help="training batch size of both denoisers")
     train.add_argument("--classifier_steps", type=int, default=600,
                        help="classifier training steps; 0 keeps the classifier already in --out")
     train.add_argument("--seed", type=int, default=0, help="seed of training and evaluation")
     train.add_argument("--loss_weighting", type=Literal["min_snr", "p2", "none"], default="min_snr",
-                       help="weighting of the DiT's epsilon loss over noise levels: min-SNR-5, P2 (favours the "
-                            "high-noise steps where shapes form) or none")
+                       help="weighting of the denoisers' epsilon loss over noise levels: min-SNR-5, P2 (favours "
+                            "the high-noise steps where shapes form) or none")
     train.add_argument("--init_from", type=str | None, default=None, metavar="DIR",
                        help="continue training from a saved toy DiT folder (holding transformer/) instead of "
                             "starting from scratch")
@@ -61,6 +66,8 @@ def build_parser():
     evaluate.add_argument("--assets", type=str | None, default=None,
                           help="the models folder (default null: the bundled models, in the package's assets folder)")
     evaluate.add_argument("--seed", type=int, default=0, help="seed of the evaluation")
+    evaluate.add_argument("--denoisers", type=Literal["dit", "unet"], nargs="+", default=["dit", "unet"],
+                          help="the toy denoisers to measure again; the others keep the numbers metrics.json holds")
     _evaluation_options(evaluate)
     actions.add_subcommand("train", train, help="train the toy models into --out (default runs/toy-train)")
     actions.add_subcommand("evaluate", evaluate, help="measure the models in --assets again, rewrite MODEL_CARD.md")
@@ -69,8 +76,11 @@ def build_parser():
 
 def _train_command(args: Any) -> str:
     """The command line that reproduces a training run (recorded in metrics.json and the card)."""
-    return ("bigain toy train" + (f" --out {args.out}" if args.out != DEFAULT_TRAIN_DIR else "")
-            + f" --steps {args.steps} --batch_size {args.batch_size} --classifier_steps {args.classifier_steps}"
+    denoisers = "" if sorted(args.denoisers) == ["dit", "unet"] else " --denoisers " + " ".join(args.denoisers)
+    return ("bigain toy train" + (f" --out {args.out}" if args.out != DEFAULT_TRAIN_DIR else "") + denoisers
+            + (f" --steps {args.steps}" if "dit" in args.denoisers else "")
+            + (f" --unet_steps {args.unet_steps}" if "unet" in args.denoisers else "")
+            + f" --batch_size {args.batch_size} --classifier_steps {args.classifier_steps}"
             + f" --loss_weighting {args.loss_weighting} --seed {args.seed}")
 
 
@@ -80,7 +90,7 @@ def _log(message: str) -> None:
 
 def run(cfg: Any) -> int:
     from bigain.toy.evaluate import class_fidelity, classifier_accuracy, diffusion_classifier_accuracy, write_model_card
-    from bigain.toy.train import train_toy_classifier, train_toy_dit
+    from bigain.toy.train import train_toy_classifier, train_toy_dit, train_toy_unet
 
     args = cfg[cfg.action]
     args.dtype = str(args.dtype)
@@ -94,42 +104,60 @@ def run(cfg: Any) -> int:
         elif not (assets / "classifier.safetensors").is_file():
             raise BigainError(f"--classifier_steps 0 keeps the toy classifier in {assets}, but there is no "
                               "classifier.safetensors there: train one (--classifier_steps 600) or copy it in")
-        train_toy_dit(assets, steps=args.steps, batch_size=args.batch_size, seed=args.seed, init_from=args.init_from,
-                      loss_weighting=args.loss_weighting,
-                      progress=lambda s, r: _log(f"dit step {s}: loss {r['loss_smoothed']:.4f} ({r['seconds']} s)"))
+        if "dit" in args.denoisers:
+            train_toy_dit(assets, steps=args.steps, batch_size=args.batch_size, seed=args.seed,
+                          init_from=args.init_from, loss_weighting=args.loss_weighting,
+                          progress=lambda s, r: _log(f"dit step {s}: loss {r['loss_smoothed']:.4f} ({r['seconds']} s)"))
+        if "unet" in args.denoisers:
+            train_toy_unet(assets, steps=args.unet_steps, batch_size=args.batch_size, seed=args.seed,
+                           loss_weighting=args.loss_weighting,
+                           progress=lambda s, r: _log(f"unet step {s}: loss {r['loss_smoothed']:.4f} "
+                                                      f"({r['seconds']} s)"))
         _log(f"trained in {time.perf_counter() - start:.0f} s")
         if args.no_eval:
             return 0
-    else:
+    previous: dict[str, Any] = {}
+    if cfg.action == "evaluate":
         assets = Path(args.assets or ASSETS)
         command = "bigain toy evaluate" + (f" --assets {args.assets}" if args.assets else "")
         meta = assets / "metrics.json"
         if meta.is_file():  # the card keeps the command that trained the models, in today's spelling
             import json
 
-            recorded = json.loads(meta.read_text()).get("command", command)
+            previous = json.loads(meta.read_text())
+            recorded = previous.get("command", command)
             command = " ".join(undeprecate(recorded.split(), build_parser(), note=False))
-    from bigain.toy import TOY_COMPRESSED_BLOCKS
+    from bigain.toy import TOY_DENOISERS
 
-    blocks = list(TOY_COMPRESSED_BLOCKS)
-    metrics = {"command": command, "seed": args.seed, "evaluation_dtype": args.dtype}
+    metrics: dict[str, Any] = {"command": command, "seed": args.seed, "evaluation_dtype": args.dtype}
+    metrics.update({k: previous[k] for k in TOY_DENOISERS if k not in args.denoisers and k in previous})
     _log("toy classifier accuracy ...")
     metrics["classifier_accuracy"] = classifier_accuracy(assets / "classifier.safetensors", images=1000)
     metrics["classifier_images"] = 1000
-    path = assets / "toy-dit"
-    _log(f"diffusion-classifier accuracy on {args.images} images (uncompressed) ...")
-    clean = diffusion_classifier_accuracy(path=path, images=args.images, dtype=args.dtype)
-    metrics.update({f"dc_{k}": v for k, v in clean.items()})
-    metrics["dc_images"] = args.images
-    _log(f"... and with tome ratio 0.7 on blocks {blocks} ...")
-    tome = diffusion_classifier_accuracy(path=path, images=args.images, compressor="tome",
-                                         compressor_options={"ratio": 0.7}, blocks=blocks, dtype=args.dtype)
-    metrics["dc_tome70_accuracy"] = tome["accuracy"]
-    metrics["tome_blocks"] = blocks
-    _log("class fidelity of generated samples ...")
-    metrics["class_fidelity"] = class_fidelity(path=path, per_class=args.fidelity_per_class,
-                                               classifier=assets / "classifier.safetensors")
-    metrics["fidelity_per_class"] = args.fidelity_per_class
+    for key, spec in TOY_DENOISERS.items():
+        path = assets / spec["folder"]
+        if key not in args.denoisers:
+            continue
+        if not path.is_dir():
+            _log(f"no {spec['label']} in {assets}: not measured")
+            continue
+        backbone, found = spec["backbone"], {}
+        _log(f"{spec['label']}: diffusion-classifier accuracy on {args.images} images (uncompressed) ...")
+        clean = diffusion_classifier_accuracy(backbone=backbone, path=path, images=args.images, dtype=args.dtype)
+        found.update({f"dc_{k}": v for k, v in clean.items()})
+        found["dc_images"] = args.images
+        found["evaluation_dtype"] = args.dtype
+        _log(f"... and with tome ratio 0.7 on {spec['layers']} ...")
+        tome = diffusion_classifier_accuracy(backbone=backbone, path=path, images=args.images, compressor="tome",
+                                             compressor_options={"ratio": 0.7}, blocks=spec["blocks"],
+                                             dtype=args.dtype)
+        found["dc_tome70_accuracy"] = tome["accuracy"]
+        found["tome_layers"] = spec["layers"]
+        _log(f"{spec['label']}: class fidelity of generated samples ...")
+        found["class_fidelity"] = class_fidelity(backbone=backbone, path=path, per_class=args.fidelity_per_class,
+                                                 classifier=assets / "classifier.safetensors")
+        found["fidelity_per_class"] = args.fidelity_per_class
+        metrics[key] = found
     card = write_model_card(assets, metrics, command=command, seed=args.seed)
     for key, value in metrics.items():
         _log(f"  {key}: {value}")

@@ -45,6 +45,7 @@ def classifier_accuracy(weights: str | Path = ASSETS / "classifier.safetensors",
 
 def diffusion_classifier_accuracy(
     *,
+    backbone: str = "toy",
     path: str | Path | None = None,
     images: int = 500,
     compressor: str = "none",
@@ -55,12 +56,12 @@ def diffusion_classifier_accuracy(
     to_keep: tuple[int, ...] = (5, 1),
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, float]:
-    """Accuracy of the toy DiT as a diffusion classifier on the first ``images`` test images,
-    overall and on the texture / shape halves."""
+    """Accuracy of a toy denoiser (``backbone``: ``toy``, the DiT, or ``toy-unet``) as a diffusion
+    classifier on the first ``images`` test images, overall and on the texture / shape halves."""
     from bigain.tasks.classification import DiffusionClassifier
 
     options = {"dtype": dtype} if path is None else {"path": str(path), "dtype": dtype}
-    module = DiffusionClassifier(backbone="toy", backbone_options=options, compressor=compressor,
+    module = DiffusionClassifier(backbone=backbone, backbone_options=options, compressor=compressor,
                                  compressor_options=compressor_options, blocks=blocks, n_samples=list(n_samples),
                                  to_keep=list(to_keep), batch_size=128)
     module.configure_model()
@@ -82,16 +83,16 @@ def diffusion_classifier_accuracy(
     return {f"accuracy_{k}" if k != "all" else "accuracy": hits[k] / counts[k] for k in hits if counts[k]}
 
 
-def class_fidelity(*, path: str | Path | None = None, per_class: int = 10, steps: int = 50,
+def class_fidelity(*, backbone: str = "toy", path: str | Path | None = None, per_class: int = 10, steps: int = 50,
                    guidance_scale: float = 4.0, classifier: str | Path = ASSETS / "classifier.safetensors",
                    seed: int = 0, dtype: str = "float32") -> float:
-    """Toy-classifier top-1 on ``per_class`` DiT samples of each class (DDIM, classifier-free guidance),
-    sampled exactly as ``bigain generate`` samples them."""
+    """Toy-classifier top-1 on ``per_class`` samples of each class from a toy denoiser (``backbone``)
+    (DDIM, classifier-free guidance), sampled exactly as ``bigain generate`` samples them."""
     from bigain.tasks.generation import DiffusionGenerator, initial_noise
     from bigain.toy.train import build_toy_classifier, classifier_input
 
     options = {"dtype": dtype} if path is None else {"path": str(path), "dtype": dtype}
-    generator = DiffusionGenerator(backbone="toy", backbone_options=options, steps=steps,
+    generator = DiffusionGenerator(backbone=backbone, backbone_options=options, steps=steps,
                                    guidance_scale=guidance_scale, seed=seed)
     generator.configure_model()
     backbone = generator.backbone.to(_device())
@@ -107,37 +108,55 @@ def class_fidelity(*, path: str | Path | None = None, per_class: int = 10, steps
 
 
 def write_model_card(assets: str | Path, metrics: dict[str, Any], *, command: str, seed: int) -> Path:
-    """``MODEL_CARD.md`` beside the models: command, data, seed, training curve, metrics."""
+    """``MODEL_CARD.md`` beside the models: command, data, seed, training curves, metrics.
+
+    ``metrics`` holds the classifier's numbers at the top level and each toy denoiser's under its key
+    in :data:`bigain.toy.TOY_DENOISERS` (``dit``, ``unet``); a denoiser that was not measured is left
+    out of the table.
+    """
     import pandas as pd
+
+    from bigain.toy import TOY_DENOISERS
 
     assets = Path(assets)
     (assets / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    logs = {spec["label"]: assets / spec["folder"] / "training_log.csv" for spec in TOY_DENOISERS.values()}
+    logs = {label: log for label, log in logs.items() if log.is_file()}
     curve_png = None
-    log = assets / "toy-dit" / "training_log.csv"
-    if log.is_file():
+    if logs:
         from bigain.plots import pyplot, save_figure
 
         plt = pyplot()
-        df = pd.read_csv(log)
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.plot(df["step"], df["loss"], alpha=0.35, label="loss (batch)")
-        ax.plot(df["step"], df["loss_smoothed"], label="loss (smoothed)")
+        for label, log in logs.items():
+            df = pd.read_csv(log)
+            line, = ax.plot(df["step"], df["loss_smoothed"], label=f"{label} (smoothed)")
+            ax.plot(df["step"], df["loss"], alpha=0.25, color=line.get_color())
         ax.set_yscale("log")
         ax.set_xlabel("step")
-        ax.set_ylabel("epsilon MSE")
-        ax.set_title("Toy DiT training curve")
+        ax.set_ylabel("weighted epsilon MSE")
+        ax.set_title("Toy denoisers: training curves")
         ax.legend()
         fig.tight_layout()
         curve_png = save_figure(fig, assets / "training_curve.png", dpi=100)
 
-    def pct(key: str) -> str:
-        value = metrics.get(key)
+    measured = {key: metrics[key] for key in TOY_DENOISERS if isinstance(metrics.get(key), dict)}
+
+    def pct(values: dict[str, Any], key: str) -> str:
+        value = values.get(key)
         return f"{100 * value:.1f}%" if isinstance(value, (int, float)) else "not measured"
 
+    def row(text: str, key: str, second: str | None = None) -> str:
+        cells = [pct(m, key) + (f" / {pct(m, second)}" if second else "") for m in measured.values()]
+        return f"| {text} | " + " | ".join(cells) + " |"
+
+    images = sorted({m.get("dc_images") for m in measured.values()} - {None})
+    per_class = sorted({m.get("fidelity_per_class") for m in measured.values()} - {None})
+    header = "| metric | " + " | ".join(TOY_DENOISERS[k]["label"] for k in measured) + " |"
     lines = [
         "# Toy models (bundled with bigain)",
         "",
-        "Two small models trained on the procedural toy dataset (`bigain.toy.data`), so that the main job runs",
+        "Small models trained on the procedural toy dataset (`bigain.toy.data`), so that the main job runs",
         "offline on a CPU. They are loaded through exactly the code paths a real checkpoint takes.",
         "",
         "## Reproduce",
@@ -156,31 +175,40 @@ def write_model_card(assets: str | Path, metrics: dict[str, Any], *, command: st
         "",
         "## Models",
         "",
-        "- `toy-dit/`: diffusers `DiTTransformer2DModel`, pixel space, patch 2 (256 tokens), 6 blocks, width 128,",
-        "  4 heads, 10 classes + the null class (label dropout 0.1, for classifier-free guidance). Epsilon",
-        "  prediction on the DDPM linear schedule (1000 steps), AdamW, cosine learning rate, EMA weights, bf16",
-        "  autocast on the CPU.",
+        "- `toy-dit/` (backbone `toy`): diffusers `DiTTransformer2DModel`, pixel space, patch 2 (256 tokens),",
+        "  6 blocks, width 128, 4 heads, 10 classes + the null class (label dropout 0.1, for classifier-free",
+        "  guidance). float32 weights.",
+        "- `toy-unet/` (backbone `toy-unet`): diffusers `UNet2DConditionModel`, pixel space, channels",
+        "  (32, 64, 128), one layer per block, self- and cross-attention at 32x32 (1024 tokens, the level the",
+        "  compressors act on, as on Stable Diffusion) and 16x16, heads of 32 channels. It cross-attends to a",
+        "  learned prompt of 4 tokens x 64 per class (`class_prompts.safetensors`, plus a null prompt: label",
+        "  dropout 0.1). float16 weights.",
+        "- Both denoisers: epsilon prediction on the DDPM linear schedule (1000 steps), min-SNR-5 loss",
+        "  weighting, AdamW, cosine learning rate, EMA weights, bf16 autocast on the CPU.",
         "- `classifier.safetensors`: timm `resnet10t` with channels (32, 64, 128, 256), fp16 weights, input",
         "  upsampled to 64x64 (nearest). The feature extractor of the toy FID and the judge of class fidelity.",
         "",
         "## Metrics",
         "",
-        "| metric | value |",
-        "|---|---|",
-        f"| toy classifier top-1, real test images ({metrics.get('classifier_images', '?')}) "
-        f"| {pct('classifier_accuracy')} |",
-        f"| diffusion-classifier accuracy, uncompressed, 5/20 protocol ({metrics.get('dc_images', '?')} test images, "
-        f"{metrics.get('evaluation_dtype', 'float32')}) "
-        f"| {pct('dc_accuracy')} |",
-        f"| ... texture classes / shape classes | {pct('dc_accuracy_texture')} / {pct('dc_accuracy_shape')} |",
-        f"| diffusion-classifier accuracy, `tome` ratio 0.7 (blocks {metrics.get('tome_blocks', '?')}) "
-        f"| {pct('dc_tome70_accuracy')} |",
-        f"| class fidelity of generated samples ({metrics.get('fidelity_per_class', '?')} per class, DDIM 50, "
-        f"guidance 4) | {pct('class_fidelity')} |",
+        f"Toy classifier top-1 on real test images ({metrics.get('classifier_images', '?')}): "
+        f"{pct(metrics, 'classifier_accuracy')}.",
         "",
     ]
+    if measured:
+        lines += [
+            header,
+            "|---|" + "---|" * len(measured),
+            row(f"diffusion-classifier accuracy, uncompressed, 5/20 protocol ({'/'.join(map(str, images))} test "
+                f"images, {'/'.join(sorted({m.get('evaluation_dtype', 'float32') for m in measured.values()}))})", "dc_accuracy"),
+            row("... texture classes / shape classes", "dc_accuracy_texture", "dc_accuracy_shape"),
+            "| compressed layers | " + " | ".join(m.get("tome_layers", "?") for m in measured.values()) + " |",
+            row("diffusion-classifier accuracy, `tome` ratio 0.7", "dc_tome70_accuracy"),
+            row(f"class fidelity of generated samples ({'/'.join(map(str, per_class))} per class, DDIM 50, "
+                "guidance 4)", "class_fidelity"),
+            "",
+        ]
     if curve_png is not None:
-        lines += ["## Training curve", "", "![training curve](training_curve.png)", ""]
+        lines += ["## Training curves", "", "![training curves](training_curve.png)", ""]
     card = assets / "MODEL_CARD.md"
     card.write_text("\n".join(lines))
     return card

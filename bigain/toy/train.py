@@ -1,10 +1,13 @@
-"""Training of the two bundled toy models (``bigain toy train``).
+"""Training of the bundled toy models (``bigain toy train``).
 
 * :func:`train_toy_dit` trains the class-conditional pixel-space DiT (diffusers
   ``DiTTransformer2DModel``, patch 2, 256 tokens) with epsilon prediction on the DDPM linear schedule
   (loss weighting ``loss_weighting``: min-SNR-5 or P2, EMA weights);
   diffusers' label embedding drops 10% of the labels to its null class during training, which is
   what classifier-free guidance needs at sampling time.
+* :func:`train_toy_unet` trains the pixel-space UNet (diffusers ``UNet2DConditionModel``) the
+  same way; it is conditioned through cross-attention on a learned prompt per class (4 tokens),
+  with 10% of the labels dropped to a null prompt.
 * :func:`train_toy_classifier` trains the small timm classifier that serves as the toy FID feature
   extractor and as the judge of class fidelity.
 
@@ -28,6 +31,12 @@ from bigain.toy.data import TOY_CLASSES, ToyShapes
 __all__ = [
     "TOY_DIT_CONFIG",
     "TOY_SCHEDULER_CONFIG",
+    "TOY_UNET_CONFIG",
+    "TOY_PROMPT_TOKENS",
+    "TOY_PROMPTS_FILE",
+    "ToyUNetModel",
+    "build_toy_unet",
+    "train_toy_unet",
     "TOY_CLASSIFIER_ARCH",
     "LOSS_WEIGHTINGS",
     "loss_weights",
@@ -59,6 +68,25 @@ TOY_SCHEDULER_CONFIG: dict = {
     "prediction_type": "epsilon",
     "clip_sample": False,
 }
+
+#: The toy UNet: pixel space, self- and cross-attention at full (32x32 = 1024 tokens, the level
+#: compressors act on by default, as on Stable Diffusion) and half resolution.
+TOY_UNET_CONFIG: dict = {
+    "sample_size": 32,
+    "in_channels": 3,
+    "out_channels": 3,
+    "layers_per_block": 1,
+    "block_out_channels": (32, 64, 128),
+    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    "cross_attention_dim": 64,
+    "attention_head_dim": (1, 2, 4),  # diffusers' name: the number of heads per level (32 channels each)
+    "norm_num_groups": 32,
+}
+#: Tokens of each class prompt the toy UNet cross-attends to.
+TOY_PROMPT_TOKENS = 4
+#: The file in a toy UNet folder holding the class prompt table ``[classes + 1, tokens, dim]``.
+TOY_PROMPTS_FILE = "class_prompts.safetensors"
 
 TOY_CLASSIFIER_ARCH = "resnet10t"
 _CLASSIFIER_KWARGS = {"channels": (32, 64, 128, 256)}
@@ -139,6 +167,74 @@ def _write_log(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
+def _train_denoiser(
+    out: Path,
+    model: torch.nn.Module,
+    forward: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor],
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    warmup: int,
+    ema_decay: float,
+    min_snr_gamma: float | None,
+    loss_weighting: str,
+    seed: int,
+    train_images: int,
+    bf16: bool,
+    log_every: int,
+    progress: Callable[[int, dict], None] | None,
+) -> torch.nn.Module:
+    """The epsilon-prediction training loop both toy denoisers share; returns the EMA copy of ``model``.
+
+    ``forward(model, x_t, t, labels, generator)`` is the model's prediction of the noise.
+    """
+    from diffusers import DDPMScheduler
+
+    if loss_weighting not in LOSS_WEIGHTINGS:
+        raise ValueError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {loss_weighting!r}")
+    gen = torch.Generator().manual_seed(seed)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    scheduler = DDPMScheduler(**TOY_SCHEDULER_CONFIG)
+    abar = scheduler.alphas_cumprod.float()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+    data = ToyShapes("train", length=train_images)
+    rows: list[dict] = []
+    start = time.perf_counter()
+    running = None
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = _cosine_lr(step, steps, lr, warmup)
+        first = (step * batch_size) % train_images
+        x0, labels = data.batch(range(first, first + batch_size))
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        a = abar[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            pred = forward(model, xt, t, labels, gen)
+        per_sample = (pred.float() - noise).pow(2).flatten(1).mean(dim=1)
+        loss = (per_sample * loss_weights(abar[t], loss_weighting, min_snr_gamma=min_snr_gamma)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            for pe, pm in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(pm, 1.0 - ema_decay)
+        running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
+        if step % log_every == 0 or step == steps - 1:
+            row = {"step": step, "loss": round(loss.item(), 5), "loss_smoothed": round(running, 5),
+                   "lr": round(opt.param_groups[0]["lr"], 7), "seconds": round(time.perf_counter() - start, 1)}
+            rows.append(row)
+            _write_log(out / "training_log.csv", rows)
+            if progress is not None:
+                progress(step, row)
+    scheduler.save_pretrained(out / "scheduler")
+    _write_log(out / "training_log.csv", rows)
+    return ema
+
+
 def train_toy_dit(
     out_dir: str | Path,
     *,
@@ -162,58 +258,92 @@ def train_toy_dit(
     Returns:
         The checkpoint folder.
     """
-    from diffusers import DDPMScheduler
-
     if loss_weighting not in LOSS_WEIGHTINGS:
         raise ValueError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {loss_weighting!r}")
     out = Path(out_dir) / "toy-dit"
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)  # diffusers' label dropout draws from the global RNG during training
-    gen = torch.Generator().manual_seed(seed)
     model = build_toy_dit().train()
     if init_from is not None:  # continue from a saved toy DiT (its transformer/ folder)
         from diffusers import DiTTransformer2DModel
 
         model.load_state_dict(DiTTransformer2DModel.from_pretrained(Path(init_from) / "transformer").state_dict())
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    scheduler = DDPMScheduler(**TOY_SCHEDULER_CONFIG)
-    abar = scheduler.alphas_cumprod.float()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
-    data = ToyShapes("train", length=train_images)
-    rows: list[dict] = []
-    start = time.perf_counter()
-    running = None
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = _cosine_lr(step, steps, lr, warmup)
-        first = (step * batch_size) % train_images
-        x0, labels = data.batch(range(first, first + batch_size))
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=gen)
-        noise = torch.randn(x0.shape, generator=gen)
-        a = abar[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            pred = model(xt, timestep=t, class_labels=labels).sample
-        per_sample = (pred.float() - noise).pow(2).flatten(1).mean(dim=1)
-        loss = (per_sample * loss_weights(abar[t], loss_weighting, min_snr_gamma=min_snr_gamma)).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1.0 - ema_decay)
-        running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
-        if step % log_every == 0 or step == steps - 1:
-            row = {"step": step, "loss": round(loss.item(), 5), "loss_smoothed": round(running, 5),
-                   "lr": round(opt.param_groups[0]["lr"], 7), "seconds": round(time.perf_counter() - start, 1)}
-            rows.append(row)
-            _write_log(out / "training_log.csv", rows)
-            if progress is not None:
-                progress(step, row)
+
+    def forward(net, xt, t, labels, gen):
+        return net(xt, timestep=t, class_labels=labels).sample
+
+    ema = _train_denoiser(out, model, forward, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup,
+                          ema_decay=ema_decay, min_snr_gamma=min_snr_gamma, loss_weighting=loss_weighting, seed=seed,
+                          train_images=train_images, bf16=bf16, log_every=log_every, progress=progress)
     ema.save_pretrained(out / "transformer", safe_serialization=True)
-    scheduler.save_pretrained(out / "scheduler")
-    _write_log(out / "training_log.csv", rows)
+    return out
+
+
+class ToyUNetModel(torch.nn.Module):
+    """The toy UNet with its class prompt table: ``prompts[label]`` (``[B, L, D]``, row
+    ``len(TOY_CLASSES)`` the null prompt) is what the UNet cross-attends to."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from diffusers import UNet2DConditionModel
+
+        self.unet = UNet2DConditionModel(**TOY_UNET_CONFIG)
+        torch.nn.init.zeros_(self.unet.conv_out.weight)
+        torch.nn.init.zeros_(self.unet.conv_out.bias)
+        self.prompts = torch.nn.Parameter(
+            torch.randn(len(TOY_CLASSES) + 1, TOY_PROMPT_TOKENS, TOY_UNET_CONFIG["cross_attention_dim"]) * 0.5)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.unet(x_t, t, encoder_hidden_states=self.prompts[labels]).sample
+
+
+def build_toy_unet() -> ToyUNetModel:
+    """A freshly initialised toy UNet (zero-initialised output convolution) and prompt table."""
+    return ToyUNetModel()
+
+
+def train_toy_unet(
+    out_dir: str | Path,
+    *,
+    steps: int = 3000,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    warmup: int = 50,
+    ema_decay: float = 0.999,
+    min_snr_gamma: float | None = 5.0,
+    loss_weighting: str = "min_snr",
+    label_dropout: float = 0.1,
+    seed: int = 0,
+    train_images: int = 200_000,
+    bf16: bool = True,
+    log_every: int = 25,
+    progress: Callable[[int, dict], None] | None = None,
+) -> Path:
+    """Train the toy UNet and save it (EMA weights, float16) as ``out_dir/toy-unet`` holding ``unet/``,
+    ``scheduler/``, ``class_prompts.safetensors`` (what the ``toy-unet`` backbone loads) and
+    ``training_log.csv``. ``label_dropout`` of the labels are replaced by the null prompt (for
+    classifier-free guidance).
+
+    Returns:
+        The checkpoint folder.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out_dir) / "toy-unet"
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model = build_toy_unet().train()
+    null = len(TOY_CLASSES)
+
+    def forward(net, xt, t, labels, gen):
+        drop = torch.rand(labels.shape, generator=gen) < label_dropout
+        return net(xt, t, torch.where(drop, torch.full_like(labels, null), labels))
+
+    ema = _train_denoiser(out, model, forward, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup,
+                          ema_decay=ema_decay, min_snr_gamma=min_snr_gamma, loss_weighting=loss_weighting, seed=seed,
+                          train_images=train_images, bf16=bf16, log_every=log_every, progress=progress)
+    ema.unet.to(torch.float16).save_pretrained(out / "unet", safe_serialization=True)  # half the package size
+    save_file({"prompts": ema.prompts.detach().float().contiguous()}, str(out / TOY_PROMPTS_FILE))
     return out
 
 

@@ -1,0 +1,87 @@
+"""``toy-unet``: the bundled pixel-space UNet, conditioned through cross-attention on class prompts.
+
+A diffusers ``UNet2DConditionModel`` - the model class of Stable Diffusion, so compressors attach
+to it exactly as to SD (the ``unet`` adapter; by default the full-resolution level, 32x32 = 1024
+tokens) - whose cross-attention reads a learned prompt of a few tokens per class instead of a text
+encoder's output. The prompt table (one row per class and a last, null row for classifier-free
+guidance) is saved beside the UNet as ``class_prompts.safetensors``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from bigain.backbones.base import ClassLabels, DiffusionBackbone
+from bigain.backbones.loading import load_component, require_subfolders
+from bigain.errors import CheckpointError
+
+__all__ = ["ToyUNet", "TOY_UNET_PATH"]
+
+TOY_UNET_PATH = Path(__file__).resolve().parents[1] / "toy" / "assets" / "toy-unet"
+_PROMPTS_FILE = "class_prompts.safetensors"
+
+
+class ToyUNet(ClassLabels, DiffusionBackbone):
+    """The bundled toy UNet on 32x32 images (10 classes), loaded with ``from_pretrained``.
+
+    Args:
+        path: the folder holding ``unet/``, ``scheduler/`` and ``class_prompts.safetensors``
+            (default: the copy shipped in ``bigain/toy/assets``; ``bigain toy train --model unet``
+            writes one).
+        dtype: precision the network runs in; noising and losses stay float32.
+    """
+
+    family = "unet"
+
+    def __init__(self, *, path: str | None = None,
+                 dtype: Literal["float32", "float16", "bfloat16"] = "float32") -> None:
+        super().__init__(dtype=dtype)
+        from diffusers import UNet2DConditionModel
+        from safetensors.torch import load_file
+
+        self.path = str(TOY_UNET_PATH if path is None else path)
+        root = Path(self.path).expanduser()
+        if path is None and not (root / "unet").is_dir():
+            raise CheckpointError(f"the toy UNet is missing from {root}; reinstall bigain, or rebuild it with "
+                                  f"`bigain toy train --model unet --out {root.parent}`")
+        require_subfolders(self.path, ["unet", "scheduler"], what="toy UNet")
+        if not (root / _PROMPTS_FILE).is_file():
+            raise CheckpointError(f"toy UNet folder {root} has no {_PROMPTS_FILE} (the class prompt table the UNet "
+                                  f"cross-attends to); give a folder written by `bigain toy train --model unet`")
+        self.unet = load_component(UNet2DConditionModel, self.path, "unet", what="toy UNet",
+                                   torch_dtype=self.model_dtype)
+        self.unet.eval().requires_grad_(False)
+        self.denoiser = self.unet
+        self.use_schedule(self.path)
+        prompts = load_file(str(root / _PROMPTS_FILE))["prompts"]
+        width = int(self.unet.config.cross_attention_dim)
+        if prompts.ndim != 3 or prompts.shape[-1] != width or prompts.shape[0] < 2:
+            raise CheckpointError(f"{root / _PROMPTS_FILE} holds a prompt table of shape {tuple(prompts.shape)}; "
+                                  f"[classes + 1, tokens, {width}] is expected (the last row the null prompt)")
+        self.register_buffer("prompts", prompts.float(), persistent=False)
+        self.num_model_classes = int(prompts.shape[0]) - 1
+        self.null_class = self.num_model_classes
+        self.in_channels = int(self.unet.config.in_channels)
+
+    def latent_shape(self, image_size: int) -> tuple[int, int, int]:
+        return (self.in_channels, image_size, image_size)
+
+    @torch.no_grad()
+    def encode(self, images: Tensor) -> Tensor:
+        return images.to(self.device).float()
+
+    @torch.no_grad()
+    def decode(self, x0: Tensor) -> Tensor:
+        return x0.float().clamp(-1, 1)
+
+    def predict_output(self, x_t: Tensor, t: Tensor, cond: Any) -> Tensor:
+        prompts = self.prompts.to(self.device, self.model_dtype)[cond.to(self.device)]
+        out = self.unet(x_t.to(self.device, self.model_dtype), t.to(self.device), encoder_hidden_states=prompts).sample
+        return out.float()
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "path": str(Path(self.path).expanduser().resolve())}
