@@ -16,6 +16,18 @@ Diffusion 2.0 at 768 px) or ``sample`` (``x0`` itself), with ``a = alphas_cumpro
 default, whatever the model predicts (``target: native`` ranks on the error of the model's own
 target instead, see :class:`bigain.tasks.classification.DiffusionClassifier`); generation hands
 the model's own output to a diffusers scheduler configured with the same ``prediction_type``.
+
+Flow-matching models (Stable Diffusion 3, :class:`RectifiedFlow`) have no ``alphas_cumprod``: they
+noise by ``x_t = (1 - s) * x0 + s * eps`` and predict the velocity ``v = eps - x0``. The tasks never
+ask which kind a backbone is; they call the methods below, whose defaults are the DDPM maths above:
+
+* :meth:`DiffusionBackbone.add_noise` - ``x_t`` at training-schedule indices ``t`` (``0 .. T - 1``,
+  the classifier's timestep grid);
+* :meth:`DiffusionBackbone.timestep_input` - the timestep the model receives for those indices (DDPM:
+  the index itself; rectified flow: ``1000 * sigma``);
+* :meth:`DiffusionBackbone.native_target` - what the model is trained to output there;
+* :meth:`DiffusionBackbone.sampling_scheduler` - the diffusers scheduler generation steps with;
+* :attr:`DiffusionBackbone.classification_target` - what ``target: auto`` ranks classes on.
 """
 
 from __future__ import annotations
@@ -30,8 +42,9 @@ from torch import Tensor, nn
 
 from bigain.errors import ConfigError
 
-__all__ = ["DiffusionBackbone", "VAELatents", "ClassLabels", "DTYPES", "COMPILE_MODES", "CompileMode", "resolve_dtype",
-           "PREDICTION_TYPES", "check_prediction_type", "to_epsilon", "to_sample"]
+__all__ = ["DiffusionBackbone", "VAELatents", "RectifiedFlow", "DTYPES", "COMPILE_MODES",
+           "CompileMode", "resolve_dtype", "PREDICTION_TYPES", "FLOW_PREDICTION", "check_prediction_type", "to_epsilon",
+           "to_sample", "to_target", "ddpm_noise"]
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 #: How a task runs its denoiser: eagerly (``none``) or through ``torch.compile`` in one of its modes.
@@ -47,6 +60,10 @@ def check_compile_mode(mode: str) -> str:
 
 #: What a denoiser may be trained to predict (diffusers' ``prediction_type`` names).
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+#: What a flow-matching model predicts: the velocity ``v = eps - x0`` (diffusers' name for it).
+FLOW_PREDICTION = "flow_prediction"
 
 
 def check_prediction_type(value: Any, *, where: str = "the scheduler config") -> str:
@@ -98,6 +115,26 @@ def to_sample(output: Tensor, x_t: Tensor, t: Tensor, alphas_cumprod: Tensor, pr
     return (x_t - s1 * output) / sa
 
 
+def to_target(x0: Tensor, eps: Tensor, t: Tensor, alphas_cumprod: Tensor, prediction_type: str) -> Tensor:
+    """The ground truth a model of ``prediction_type`` is trained to output for the clean ``x0``, the
+    noise ``eps`` (both ``[B, C, h, w]`` float32) and timesteps ``t`` ``[B]``: ``eps``, ``x0``, or
+    ``v = sqrt(a) * eps - sqrt(1 - a) * x0`` with ``a = alphas_cumprod[t]`` (float64 maths)."""
+    check_prediction_type(prediction_type, where="native_target")
+    if prediction_type == "epsilon":
+        return eps
+    if prediction_type == "sample":
+        return x0
+    a = alphas_cumprod.to(device=eps.device, dtype=torch.float64)[t.to(eps.device).long()].view(-1, 1, 1, 1)
+    return (a.sqrt() * eps.double() - (1 - a).sqrt() * x0.double()).float()
+
+
+def ddpm_noise(x0: Tensor, eps: Tensor, t: Tensor, alphas_cumprod: Tensor) -> Tensor:
+    """``x_t = sqrt(a) * x0 + sqrt(1 - a) * eps`` with ``a = alphas_cumprod[t]`` (``t`` ``[B]`` long,
+    ``eps`` ``[B, C, h, w]``, ``x0`` broadcasting to it; ``a`` gathered in float64, the maths in float32)."""
+    a = alphas_cumprod.to(device=eps.device, dtype=torch.float64)[t.to(eps.device)].float().view(-1, 1, 1, 1)
+    return a.sqrt() * x0 + (1.0 - a).sqrt() * eps
+
+
 def resolve_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
@@ -107,7 +144,9 @@ def resolve_dtype(name: str) -> torch.dtype:
 class VAELatents:
     """``encode`` / ``decode`` through a diffusers ``AutoencoderKL`` in ``self.vae``: the posterior mean
     scaled by :attr:`vae_scale` (the VAE config's ``scaling_factor``), as the latent-diffusion
-    backbones (Stable Diffusion, PixArt) share them. Mix in before :class:`DiffusionBackbone`."""
+    backbones (Stable Diffusion, PixArt, SD3) share them; a VAE whose config has a ``shift_factor``
+    (SD3's) is shifted first: ``(mean - shift_factor) * scaling_factor``, and back in ``decode``.
+    Mix in before :class:`DiffusionBackbone`."""
 
     vae: nn.Module
 
@@ -117,6 +156,12 @@ class VAELatents:
         return float(self.vae.config.scaling_factor)
 
     @property
+    def vae_shift(self) -> float | None:
+        """The VAE config's ``shift_factor`` (``None`` when it has none: Stable Diffusion 1/2, PixArt)."""
+        shift = getattr(self.vae.config, "shift_factor", None)
+        return None if shift is None else float(shift)
+
+    @property
     def latent_factor(self) -> int:
         """Pixels per latent pixel along each side: 2 per VAE down block after the first."""
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
@@ -124,57 +169,16 @@ class VAELatents:
     @torch.no_grad()
     def encode(self, images: Tensor) -> Tensor:
         dist = self.vae.encode(images.to(self.device, self.model_dtype)).latent_dist
-        return dist.mean.float() * self.vae_scale
+        shift = self.vae_shift
+        mean = dist.mean.float()
+        return (mean if shift is None else mean - shift) * self.vae_scale
 
     @torch.no_grad()
     def decode(self, x0: Tensor) -> Tensor:
-        out = self.vae.decode((x0 / self.vae_scale).to(self.model_dtype)).sample
+        shift = self.vae_shift
+        z = x0 / self.vae_scale
+        out = self.vae.decode((z if shift is None else z + shift).to(self.model_dtype)).sample
         return out.float().clamp(-1, 1)
-
-
-class ClassLabels:
-    """Conditions that are class ids in the model's label space (DiT, the toy models): the dataset's
-    classes map to ids through the datamodule's ``label_ids`` (or are the model's classes, in order),
-    and guidance uses the null class ``num_model_classes`` when the model was trained with label
-    dropout. Subclasses set ``num_model_classes`` and ``null_class`` (``None``: no null class). Mix in
-    before :class:`DiffusionBackbone`."""
-
-    num_model_classes: int
-    null_class: int | None
-    device: torch.device
-    _label_ids: Tensor | None = None
-
-    def set_classes(self, *, prompts: Sequence[str], label_ids: Sequence[int] | None = None) -> None:
-        k, n, what = len(prompts), self.num_model_classes, type(self).__name__
-        if label_ids is None and k != n:
-            raise ConfigError(
-                f"the dataset has {k} classes with no ids in this {what}'s label space ({n} classes): a "
-                f"class-conditional model can only score classes it was trained on. Use a dataset whose datamodule "
-                f"maps its classes to the model's ids (label_ids; ImageNet and ImageNet-100 do, for DiT-XL/2), or "
-                f"a text-conditioned model (stable-diffusion) for other datasets"
-            )
-        ids = list(range(k)) if label_ids is None else [int(i) for i in label_ids]
-        if len(ids) != k:
-            raise ConfigError(f"label_ids has {len(ids)} entries for {k} classes")
-        bad = [i for i in ids if not 0 <= i < n]
-        if bad:
-            raise ConfigError(
-                f"this {what} knows {n} classes, but the dataset's classes map to ids {bad[:5]}...; use a "
-                f"dataset in the model's label space (ImageNet / ImageNet-100 for DiT-XL/2) or a datamodule "
-                f"whose label_ids map into it"
-            )
-        self._label_ids = torch.tensor(ids, dtype=torch.long)
-
-    def class_conditions(self, classes: Tensor) -> Tensor:
-        if self._label_ids is None:
-            raise RuntimeError("call set_classes(...) before class_conditions")
-        return self._label_ids.to(classes.device)[classes].to(self.device)
-
-    def null_conditions(self, batch: int) -> Tensor:
-        if self.null_class is None:
-            raise ConfigError(f"this {type(self).__name__} was trained without label dropout: it has no null class "
-                              "for guidance; use guidance_scale=1")
-        return torch.full((batch,), self.null_class, dtype=torch.long, device=self.device)
 
 
 class DiffusionBackbone(nn.Module, ABC):
@@ -190,6 +194,11 @@ class DiffusionBackbone(nn.Module, ABC):
     family: ClassVar[str] = ""
     #: True when classes are conditioned through text prompts (Stable Diffusion).
     text_conditioned: ClassVar[bool] = False
+    #: What classification's ``target: auto`` ranks classes on: ``epsilon`` (the noise) for the
+    #: DDPM-trained models, ``native`` (the model's own target: the velocity) for flow-matching ones.
+    classification_target: ClassVar[str] = "epsilon"
+    #: The samplers generation can use with this model (the first is the fallback of ``sampler: auto``).
+    samplers: ClassVar[tuple[str, ...]] = ("euler", "ddim")
 
     denoiser: nn.Module
     alphas_cumprod: Tensor
@@ -258,6 +267,32 @@ class DiffusionBackbone(nn.Module, ABC):
         return to_sample(self.predict_output(x_t, t, cond), x_t.float(), t, self.alphas_cumprod,
                          self.prediction_type)
 
+    def add_noise(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+        """float32 ``x_t`` for clean ``x0`` (broadcasting to ``eps``), noise ``eps`` ``[B, C, h, w]`` and
+        training-schedule indices ``t`` ``[B]`` long: ``sqrt(a) * x0 + sqrt(1 - a) * eps``, ``a =
+        alphas_cumprod[t]``."""
+        return ddpm_noise(x0, eps, t, self.alphas_cumprod)
+
+    def timestep_input(self, t: Tensor) -> Tensor:
+        """The timesteps the model's ``predict_*`` methods take for training-schedule indices ``t``
+        ``[B]``: the indices themselves for a DDPM-trained model."""
+        return t
+
+    def native_target(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+        """What :meth:`predict_output` is trained to output for ``x0``, ``eps`` ``[B, C, h, w]`` and
+        training-schedule indices ``t`` ``[B]`` (see :func:`to_target`)."""
+        return to_target(x0, eps, t, self.alphas_cumprod, self.prediction_type)
+
+    def sampling_scheduler(self, sampler: str) -> Any:
+        """A fresh diffusers scheduler for ``sampler`` (``euler`` or ``ddim``), from the checkpoint's
+        scheduler config, stepping the model's own output (``prediction_type``); timesteps not yet set."""
+        from diffusers import DDIMScheduler, EulerDiscreteScheduler
+
+        if sampler not in self.samplers:
+            raise ConfigError(f"{type(self).__name__} samples with {', '.join(self.samplers)}, not {sampler!r}")
+        cls = EulerDiscreteScheduler if sampler == "euler" else DDIMScheduler
+        return cls.from_config(self.scheduler_config, prediction_type=self.prediction_type)
+
     def compile_denoiser(self, mode: CompileMode) -> None:
         """Run the denoiser through ``torch.compile`` in ``mode`` from now on (``none``: eager).
 
@@ -288,3 +323,97 @@ class DiffusionBackbone(nn.Module, ABC):
         return {"backbone": type(self).__name__, "family": self.family, "dtype": self.dtype_name,
                 "num_train_timesteps": self.num_train_timesteps, "prediction_type": self.prediction_type,
                 "compile": self.compile_mode}
+
+
+class RectifiedFlow:
+    """Flow-matching maths for a backbone trained on ``x_t = (1 - s) * x0 + s * eps`` to predict the
+    velocity ``v = eps - x0`` (Stable Diffusion 3, FLUX), with the checkpoint's
+    ``FlowMatchEulerDiscreteScheduler`` config. Mix in before :class:`DiffusionBackbone`.
+
+    The training schedule has ``T = num_train_timesteps`` levels: index ``i`` (``0 .. T - 1``, the
+    classifier's timestep grid) is the noise level ``s_i = shift * u / (1 + (shift - 1) * u)`` with
+    ``u = (i + 1) / T`` - the scheduler's own (shifted) training sigmas, lowest noise first - and the
+    model receives the timestep ``T * s_i``. :meth:`predict_noise` converts the velocity to the noise,
+    ``eps = x_t + (1 - s) * v``; :meth:`predict_sample` to the clean sample, ``x0 = x_t - s * v``.
+    """
+
+    classification_target: ClassVar[str] = "native"
+    samplers: ClassVar[tuple[str, ...]] = ("euler",)
+    prediction_type: str = FLOW_PREDICTION
+    flow_sigmas: Tensor
+
+    def use_flow_schedule(self, path: str) -> None:
+        """Read the checkpoint's ``scheduler/`` config (a ``FlowMatchEulerDiscreteScheduler``): sets
+        ``scheduler_config``, ``prediction_type`` and the float64 ``flow_sigmas`` buffer ``[T]``."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        from bigain.backbones.loading import is_local
+        from bigain.errors import CheckpointError
+
+        try:
+            raw = dict(FlowMatchEulerDiscreteScheduler.load_config(path, subfolder="scheduler"))
+        except (OSError, ValueError) as exc:
+            hint = "" if is_local(path) else " If this machine is offline, give the checkpoint's local folder."
+            raise CheckpointError(f"could not load the scheduler config from {path}/scheduler: {exc}.{hint}") from exc
+        kind = raw.get("_class_name", "FlowMatchEulerDiscreteScheduler")
+        if "FlowMatch" not in str(kind):
+            raise CheckpointError(f"the scheduler config of {path} is a {kind}; a flow-matching model needs a "
+                                  f"FlowMatchEulerDiscreteScheduler config (scheduler/scheduler_config.json)")
+        if raw.get("use_dynamic_shifting"):
+            raise CheckpointError(f"the scheduler config of {path} shifts its sigmas by image resolution "
+                                  f"(use_dynamic_shifting), which {type(self).__name__} does not support; use a "
+                                  f"checkpoint with a fixed shift (Stable Diffusion 3 / 3.5)")
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(raw)
+        self.scheduler_config = dict(scheduler.config)
+        self.prediction_type = FLOW_PREDICTION
+        # the training sigmas, highest noise first in diffusers: flipped so index i means u = (i + 1) / T
+        self.register_buffer("flow_sigmas", scheduler.sigmas.double().flip(0).clone(), persistent=False)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.flow_sigmas.numel())
+
+    def sigma(self, t: Tensor) -> Tensor:
+        """float64 noise levels ``s`` ``[B]`` for training-schedule indices ``t`` ``[B]``."""
+        return self.flow_sigmas.to(t.device)[t.long()]
+
+    def _level(self, t: Tensor, like: Tensor) -> Tensor:
+        """``s = t / T`` for model timesteps ``t`` ``[B]``, float32, shaped to broadcast over ``like``."""
+        s = t.to(like.device, torch.float64) / self.num_train_timesteps
+        return s.to(like.dtype).view((-1,) + (1,) * (like.ndim - 1))
+
+    def add_noise(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+        """``x_t = (1 - s) * x0 + s * eps`` with ``s = flow_sigmas[t]`` (float32 maths)."""
+        s = self.sigma(t.to(eps.device)).float().view(-1, 1, 1, 1)
+        return (1.0 - s) * x0 + s * eps
+
+    def timestep_input(self, t: Tensor) -> Tensor:
+        """float32 model timesteps ``T * s`` for training-schedule indices ``t``."""
+        return (self.sigma(t) * self.num_train_timesteps).float()
+
+    def native_target(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+        """The velocity ``v = eps - x0``."""
+        return eps - x0
+
+    def predict_noise(self, x_t: Tensor, t: Tensor, cond: Any) -> Tensor:
+        """float32 noise ``eps = x_t + (1 - s) * v`` from the velocity prediction; ``t`` are model
+        timesteps (``T * s``)."""
+        v = self.predict_output(x_t, t, cond)
+        x = x_t.float()
+        return x + (1.0 - self._level(t, x)) * v
+
+    def predict_sample(self, x_t: Tensor, t: Tensor, cond: Any) -> Tensor:
+        """float32 clean sample ``x0 = x_t - s * v`` from the velocity prediction."""
+        v = self.predict_output(x_t, t, cond)
+        x = x_t.float()
+        return x - self._level(t, x) * v
+
+    def sampling_scheduler(self, sampler: str) -> Any:
+        """A fresh ``FlowMatchEulerDiscreteScheduler`` from the checkpoint's config (its ``shift``
+        included): the flow Euler sampler, the only one (``euler``)."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        if sampler not in self.samplers:
+            raise ConfigError(f"{type(self).__name__} is a flow-matching model: it samples with the flow Euler "
+                              f"sampler (sampler: euler or auto), not {sampler!r}")
+        return FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config)

@@ -1,7 +1,10 @@
 """The adaptive Diffusion Classifier protocol (Li et al., 2023), as pure functions.
 
 An image is classified by noising it at a grid of timesteps and asking the denoiser, once per class,
-how well it predicts the noise: the class with the lowest mean error wins. Stages prune classes
+how well it predicts the noise: the class with the lowest mean error wins. The grid indexes the
+model's training schedule (``0 .. T - 1``); how an index noises an image is the backbone's
+(``alphas_cumprod`` for DDPM-trained models, the shifted sigmas of a flow-matching one, see
+:meth:`bigain.backbones.DiffusionBackbone.add_noise`). Stages prune classes
 early: stage ``k`` scores the surviving classes at ``n_samples[k]`` timesteps (reusing the ones
 already scored) and keeps the ``to_keep[k]`` best.
 
@@ -20,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from bigain.backbones.base import ddpm_noise
 from bigain.compressor import derive_seed
 from bigain.errors import ConfigError
 
@@ -126,12 +130,13 @@ def classify_image(
     *,
     schedule: AdaptiveSchedule,
     num_classes: int,
-    alphas_cumprod: Tensor,
+    alphas_cumprod: Tensor | None = None,
     predict: Callable[[Tensor, Tensor, Tensor], Tensor],
     loss: Loss = "l2",
     batch_size: int = 32,
     fixed_batch: bool = False,
     target: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None,
+    add_noise: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None,
 ) -> ClassificationResult:
     """Classify one image.
 
@@ -147,12 +152,24 @@ def classify_image(
             sample's prediction does not depend on its batch.
         target: ``(x0 [b, C, h, w], eps [b, C, h, w], t [b] long) -> float32 [b, C, h, w]``, what
             ``predict``'s output is compared to; ``None`` (the default): the noise ``eps`` itself.
+        alphas_cumprod: the DDPM schedule: ``x_t = sqrt(a) * x0 + sqrt(1 - a) * eps``, ``a =
+            alphas_cumprod[t]``. Needed unless ``add_noise`` is given.
+        add_noise: ``(x0 [1, C, h, w], eps [b, C, h, w], t [b] long) -> x_t [b, C, h, w]``: how the
+            model noises (e.g. :meth:`bigain.backbones.DiffusionBackbone.add_noise`); replaces
+            ``alphas_cumprod``.
     """
+    if add_noise is None:
+        if alphas_cumprod is None:
+            raise ValueError("classify_image needs alphas_cumprod (the DDPM schedule) or add_noise")
+        ab = alphas_cumprod
+
+        def add_noise(x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+            return ddpm_noise(x0, eps, t, ab)
+
     device = x0.device
     grid = schedule.grid
     row_of = {t: i for i, t in enumerate(grid)}
     noise = noise.to(device)
-    ab = alphas_cumprod.to(device=device, dtype=torch.float64)
     alive = list(range(num_classes))
     errors: dict[int, list[float]] = {c: [] for c in alive}
     reached = dict.fromkeys(alive, 0)
@@ -168,8 +185,7 @@ def classify_image(
             ts = torch.tensor([t for _, t, _ in padded], device=device)
             rows = torch.tensor([row_of[t] * schedule.n_trials + k for _, t, k in padded], device=device)
             eps = noise[rows]
-            a = ab[ts].float().view(-1, 1, 1, 1)
-            x_t = a.sqrt() * x0.unsqueeze(0) + (1.0 - a).sqrt() * eps
+            x_t = add_noise(x0.unsqueeze(0), eps, ts)
             pred = predict(x_t, ts, classes)[: len(chunk)]
             n = len(chunk)
             goal = eps[:n] if target is None else target(x0.unsqueeze(0).expand_as(eps[:n]), eps[:n], ts[:n])

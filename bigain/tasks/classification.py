@@ -15,7 +15,7 @@ from typing import Any, Literal
 import torch
 
 from bigain.backbones import DiffusionBackbone
-from bigain.backbones.base import CompileMode, check_compile_mode, check_prediction_type
+from bigain.backbones.base import CompileMode, check_compile_mode, to_target
 from bigain.errors import ConfigError
 from bigain.tasks.adaptive import AdaptiveSchedule, average_precision, classify_image, image_noise
 from bigain.tasks.base import DiffusionTask
@@ -24,21 +24,17 @@ from bigain.tasks.timing import ForwardTimer
 __all__ = ["DiffusionClassifier", "TARGETS", "native_target"]
 
 #: What classification measures the error on (the ``target`` option).
-TARGETS = ("epsilon", "native")
+TARGETS = ("epsilon", "native", "auto")
 
 
 def native_target(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor,
                   prediction_type: str) -> torch.Tensor:
     """The ground truth a model of ``prediction_type`` is trained to output for the clean ``x0``, the
     noise ``eps`` (both ``[B, C, h, w]`` float32) and timesteps ``t`` ``[B]``: ``eps``, ``x0``, or
-    ``v = sqrt(a) * eps - sqrt(1 - a) * x0`` with ``a = alphas_cumprod[t]`` (float64 maths)."""
-    check_prediction_type(prediction_type, where="native_target")
-    if prediction_type == "epsilon":
-        return eps
-    if prediction_type == "sample":
-        return x0
-    a = alphas_cumprod.to(device=eps.device, dtype=torch.float64)[t.to(eps.device).long()].view(-1, 1, 1, 1)
-    return (a.sqrt() * eps.double() - (1 - a).sqrt() * x0.double()).float()
+    ``v = sqrt(a) * eps - sqrt(1 - a) * x0`` with ``a = alphas_cumprod[t]`` (float64 maths). A
+    backbone's own target is :meth:`bigain.backbones.DiffusionBackbone.native_target` (the velocity
+    ``eps - x0`` for a flow-matching model)."""
+    return to_target(x0, eps, t, alphas_cumprod, prediction_type)
 
 
 class DiffusionClassifier(DiffusionTask):
@@ -55,12 +51,15 @@ class DiffusionClassifier(DiffusionTask):
         to_keep: classes kept after each stage, ending at 1.
         n_trials: noise draws per timestep.
         loss: ``l2`` (the paper's), ``l1`` or ``huber``.
-        target: what the error is measured on. ``epsilon`` (the default, the paper's): the noise,
-            whatever the model predicts (a v- or x0-prediction is converted to epsilon first).
+        target: what the error is measured on. ``epsilon`` (the paper's): the noise, whatever the
+            model predicts (a v-, x0- or velocity prediction is converted to epsilon first).
             ``native``: the model's own prediction target, compared with its raw output - ``v =
             sqrt(a) * eps - sqrt(1 - a) * x0`` for ``v_prediction``, the clean latent ``x0`` for
             ``sample``, ``eps`` for ``epsilon`` (then the same as ``epsilon``), with ``a =
-            alphas_cumprod[t]``. Part of the result fingerprint when ``native``.
+            alphas_cumprod[t]``; the velocity ``eps - x0`` for a flow-matching model (SD3).
+            ``auto`` (the default): the backbone's choice, ``epsilon`` for the DDPM-trained models
+            and ``native`` (the velocity) for flow-matching ones. Part of the result fingerprint
+            when it resolves to ``native``.
         batch_size: (class, timestep) pairs per denoiser forward.
         seed: seeds the noise (with each image's dataset index) and the compressor.
         compile: run the compressed denoiser through ``torch.compile`` (``default``,
@@ -83,7 +82,7 @@ class DiffusionClassifier(DiffusionTask):
         to_keep: list[int] = [5, 1],  # noqa: B006
         n_trials: int = 1,
         loss: Literal["l2", "l1", "huber"] = "l2",
-        target: Literal["epsilon", "native"] = "epsilon",
+        target: Literal["auto", "epsilon", "native"] = "auto",
         batch_size: int = 32,
         seed: int = 0,
         compile: CompileMode = "none",
@@ -93,13 +92,16 @@ class DiffusionClassifier(DiffusionTask):
         if loss not in ("l2", "l1", "huber"):
             raise ConfigError(f"loss must be 'l2', 'l1' or 'huber', got {loss!r}")
         if target not in TARGETS:
-            raise ConfigError(f"target must be 'epsilon' (rank classes on the noise error, the default) or "
-                              f"'native' (on the error of the model's own prediction target: v, x0 or eps), "
-                              f"got {target!r}")
+            raise ConfigError(f"target must be 'epsilon' (rank classes on the noise error), 'native' (on the "
+                              f"error of the model's own prediction target: v, x0, eps or a flow model's "
+                              f"velocity) or 'auto' (the default: the backbone's choice), got {target!r}")
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         check_compile_mode(compile)
         self.save_hyperparameters()
+        #: ``epsilon`` or ``native``: ``target`` with ``auto`` resolved by the backbone class.
+        self.target = (target if target != "auto"
+                       else str(getattr(self.backbone_class, "classification_target", "epsilon")))
         self.schedule: AdaptiveSchedule | None = None
         self._seen = 0
         self._correct = 0
@@ -111,6 +113,7 @@ class DiffusionClassifier(DiffusionTask):
         hp = dict(self.hparams)
         hp.pop("batch_size", None)
         hp.pop("compile", None)
+        hp["target"] = self.target
         if hp.get("target") == "epsilon":
             hp.pop("target")  # the default leaves earlier runs' identity unchanged
         hp["compressor_options"] = self.compressor.hyperparameters()
@@ -130,13 +133,14 @@ class DiffusionClassifier(DiffusionTask):
     # -- the work ------------------------------------------------------------------------------
     def _predict(self, x_t: torch.Tensor, t: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         cond = self.backbone.class_conditions(classes)
-        if self.hparams.get("target", "epsilon") == "native":
-            return self.timer.call(self.backbone.predict_output, x_t, t, cond)  # the model's raw output
-        return self.timer.call(self.backbone.predict_noise, x_t, t, cond)  # timed around the (compiled) call
+        steps = self.backbone.timestep_input(t)  # the schedule indices as the model takes them
+        if self.target == "native":
+            return self.timer.call(self.backbone.predict_output, x_t, steps, cond)  # the model's raw output
+        return self.timer.call(self.backbone.predict_noise, x_t, steps, cond)  # timed around the (compiled) call
 
     def _target(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """What the model's raw output is compared to with ``target: native``."""
-        return native_target(x0, eps, t, self.backbone.alphas_cumprod, self.backbone.prediction_type)
+        return self.backbone.native_target(x0, eps, t)
 
     def classify(self, image: torch.Tensor, index: int, label: Any) -> dict[str, Any]:
         """Classify one preprocessed image; returns its record."""
@@ -146,10 +150,10 @@ class DiffusionClassifier(DiffusionTask):
         x0 = self.backbone.encode(image.unsqueeze(0))[0]
         noise = image_noise(hp.seed, index, self.schedule, tuple(x0.shape))
         result = classify_image(x0, noise, schedule=self.schedule, num_classes=self.num_classes,
-                                alphas_cumprod=self.backbone.alphas_cumprod, predict=self._predict,
+                                add_noise=self.backbone.add_noise, predict=self._predict,
                                 loss=hp.loss, batch_size=hp.batch_size,
                                 fixed_batch=hp.get("compile", "none") != "none",
-                                target=self._target if hp.get("target", "epsilon") == "native" else None)
+                                target=self._target if self.target == "native" else None)
         if x0.is_cuda:
             torch.cuda.synchronize(x0.device)
         record: dict[str, Any] = {

@@ -97,7 +97,9 @@ class DiffusionGenerator(DiffusionTask):
         max_downsample: UNet levels to compress (1 = full resolution only).
         blocks: DiT blocks to compress: ``paper`` (scaled paper selection), ``all``, or a list.
         sampler: ``euler``, ``ddim`` (eta 0), or ``auto``: Euler for text-conditioned models (SD),
-            DDIM for class-conditional ones (DiT, toy). Built from the checkpoint's scheduler config.
+            DDIM for class-conditional ones (DiT, toy). Built from the checkpoint's scheduler config;
+            a flow-matching model (SD3) samples with the flow Euler sampler
+            (``FlowMatchEulerDiscreteScheduler``, its ``shift`` from the checkpoint), ``euler`` or ``auto``.
         steps: sampling steps (1..1000).
         guidance_scale: classifier-free guidance with the empty prompt / null class; ``None``: 7.5
             for SD, 4.0 for DiT and toy; 1.0 disables guidance.
@@ -145,6 +147,9 @@ class DiffusionGenerator(DiffusionTask):
         text = bool(self.backbone_class.text_conditioned)
         if sampler not in ("auto", "euler", "ddim"):
             raise ConfigError(f"sampler must be 'auto', 'euler' or 'ddim', got {sampler!r}")
+        samplers = tuple(getattr(self.backbone_class, "samplers", ("euler", "ddim")))
+        if sampler != "auto" and sampler not in samplers:
+            raise ConfigError(f"backbone {backbone!r} samples with {' or '.join(samplers)} (or auto), not {sampler!r}")
         if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 1000:
             raise ConfigError(f"steps must be an integer from 1 to 1000, got {steps!r}; 50 is the usual choice")
         if guidance_scale is not None and not (math.isfinite(guidance_scale) and guidance_scale >= 1.0):
@@ -163,7 +168,8 @@ class DiffusionGenerator(DiffusionTask):
             reference_files(fid_reference)  # a missing or empty folder fails now, not after generating
         self.save_hyperparameters()
         self.text_conditioned = text
-        self.sampler_name = sampler if sampler != "auto" else ("euler" if text else "ddim")
+        auto = "euler" if text else "ddim"
+        self.sampler_name = sampler if sampler != "auto" else (auto if auto in samplers else samplers[0])
         self.guidance = float(guidance_scale) if guidance_scale is not None else (7.5 if text else 4.0)
         self.image_dir: Path | None = None  # default: <run folder>/images
         self._done = 0
@@ -205,11 +211,9 @@ class DiffusionGenerator(DiffusionTask):
     # -- sampling ------------------------------------------------------------------------------
     def make_scheduler(self):
         """A fresh diffusers scheduler for one batch, with its timesteps set."""
-        from diffusers import DDIMScheduler, EulerDiscreteScheduler
-
-        cls = EulerDiscreteScheduler if self.sampler_name == "euler" else DDIMScheduler
         # steps the model's own output: the scheduler converts eps, v or x0 by the checkpoint's type
-        scheduler = cls.from_config(self.backbone.scheduler_config, prediction_type=self.backbone.prediction_type)
+        # (a flow-matching backbone's is the flow Euler scheduler, stepping the velocity)
+        scheduler = self.backbone.sampling_scheduler(self.sampler_name)
         scheduler.set_timesteps(self.hparams.steps, device=self.backbone.device)
         return scheduler
 
@@ -217,18 +221,19 @@ class DiffusionGenerator(DiffusionTask):
     def sample(self, cond: Any, noise: Tensor) -> Tensor:
         """Denoise float32 ``noise`` ``[B, C, h, w]`` under ``cond``; returns images in ``[-1, 1]``.
 
-        The model's own prediction (``eps``, ``v`` or ``x0``, :attr:`DiffusionBackbone.prediction_type`)
-        is guided and handed to the scheduler, which is configured with the same type; guidance is
-        linear in the output, so it mixes any of the three alike.
+        The model's own prediction (``eps``, ``v`` or ``x0``, :attr:`DiffusionBackbone.prediction_type`;
+        a flow model's velocity) is guided and handed to the scheduler, which is configured with the
+        same type; guidance is linear in the output, so it mixes any of them alike.
         """
         bb, g = self.backbone, self.guidance
         scheduler = self.make_scheduler()
-        latents = noise.to(bb.device, torch.float32) * scheduler.init_noise_sigma
+        latents = noise.to(bb.device, torch.float32) * getattr(scheduler, "init_noise_sigma", 1.0)
         n = latents.shape[0]
         both = bb.concat_conditions([cond, bb.null_conditions(n)]) if g != 1.0 else None
         extra = {"eta": 0.0} if self.sampler_name == "ddim" else {}
         for t in scheduler.timesteps:
-            x_in = scheduler.scale_model_input(latents, t).float()
+            x_in = scheduler.scale_model_input(latents, t).float() if hasattr(scheduler, "scale_model_input") \
+                else latents
             if both is None:
                 eps = self.timer.call(bb.predict_output, x_in, t.reshape(1).expand(n), cond)
             else:
