@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from bigain.errors import ConfigError
 
-__all__ = ["DiffusionBackbone", "VAELatents", "RectifiedFlow", "DTYPES", "COMPILE_MODES",
+__all__ = ["DiffusionBackbone", "VAELatents", "ClassLabels", "RectifiedFlow", "DTYPES", "COMPILE_MODES",
            "CompileMode", "resolve_dtype", "PREDICTION_TYPES", "FLOW_PREDICTION", "check_prediction_type", "to_epsilon",
            "to_sample", "to_target", "ddpm_noise"]
 
@@ -179,6 +179,51 @@ class VAELatents:
         z = x0 / self.vae_scale
         out = self.vae.decode((z if shift is None else z + shift).to(self.model_dtype)).sample
         return out.float().clamp(-1, 1)
+
+
+class ClassLabels:
+    """Conditions that are class ids in the model's label space (DiT, the toy models): the dataset's
+    classes map to ids through the datamodule's ``label_ids`` (or are the model's classes, in order),
+    and guidance uses the null class ``num_model_classes`` when the model was trained with label
+    dropout. Subclasses set ``num_model_classes`` and ``null_class`` (``None``: no null class). Mix in
+    before :class:`DiffusionBackbone`."""
+
+    num_model_classes: int
+    null_class: int | None
+    device: torch.device
+    _label_ids: Tensor | None = None
+
+    def set_classes(self, *, prompts: Sequence[str], label_ids: Sequence[int] | None = None) -> None:
+        k, n, what = len(prompts), self.num_model_classes, type(self).__name__
+        if label_ids is None and k != n:
+            raise ConfigError(
+                f"the dataset has {k} classes with no ids in this {what}'s label space ({n} classes): a "
+                f"class-conditional model can only score classes it was trained on. Use a dataset whose datamodule "
+                f"maps its classes to the model's ids (label_ids; ImageNet and ImageNet-100 do, for DiT-XL/2), or "
+                f"a text-conditioned model (stable-diffusion) for other datasets"
+            )
+        ids = list(range(k)) if label_ids is None else [int(i) for i in label_ids]
+        if len(ids) != k:
+            raise ConfigError(f"label_ids has {len(ids)} entries for {k} classes")
+        bad = [i for i in ids if not 0 <= i < n]
+        if bad:
+            raise ConfigError(
+                f"this {what} knows {n} classes, but the dataset's classes map to ids {bad[:5]}...; use a "
+                f"dataset in the model's label space (ImageNet / ImageNet-100 for DiT-XL/2) or a datamodule "
+                f"whose label_ids map into it"
+            )
+        self._label_ids = torch.tensor(ids, dtype=torch.long)
+
+    def class_conditions(self, classes: Tensor) -> Tensor:
+        if self._label_ids is None:
+            raise RuntimeError("call set_classes(...) before class_conditions")
+        return self._label_ids.to(classes.device)[classes].to(self.device)
+
+    def null_conditions(self, batch: int) -> Tensor:
+        if self.null_class is None:
+            raise ConfigError(f"this {type(self).__name__} was trained without label dropout: it has no null class "
+                              "for guidance; use guidance_scale=1")
+        return torch.full((batch,), self.null_class, dtype=torch.long, device=self.device)
 
 
 class DiffusionBackbone(nn.Module, ABC):
