@@ -407,3 +407,42 @@ def test_forward_timer_uses_cuda_events_on_the_gpu():
     assert len(timer._events) == 3 and timer._cpu_seconds == 0.0  # GPU time, not host time
     seconds = timer.seconds()
     assert 0 < seconds < 5 and y.shape == x.shape
+
+
+# -- pooled over seeds ------------------------------------------------------------------------------
+
+def test_runs_pool_over_seeds_on_seed_image_pairs_with_holm_per_family(tmp_path, capsys):
+    from bigain.analysis.study import pool_seeds, pooled_markdown
+    from bigain.cli import main
+
+    make_run(tmp_path, "n0", "none", [1, 1, 1, 1, 1], seed=0)
+    make_run(tmp_path, "n1", "none", [1, 1, 1, 0, 1], seed=1)
+    make_run(tmp_path, "t0", "tome", [1, 0, 0, 1, 1], seed=0, hp={"ratio": 0.7})
+    make_run(tmp_path, "t1", "tome", [0, 1, 1, 1, 1], seed=1, hp={"ratio": 0.7})
+    make_run(tmp_path, "g0", "bigain_tm", [1, 1, 0, 1, 1], seed=0, hp={"ratio": 0.7, "legacy_grouping": True})
+    make_run(tmp_path, "g1", "bigain_tm", [1, 1, 1, 1, 1], seed=1, hp={"ratio": 0.7, "legacy_grouping": True})
+    make_run(tmp_path, "u0", "tome", [1, 1, 1, 1, 1], seed=0, hp={"ratio": 0.7}, finished=False)  # not pooled
+    pooled = pool_seeds(*load_runs([tmp_path])).set_index("method")
+    assert pooled.loc["none", "seeds"] == [0, 1] and pooled.loc["none", "pairs"] == 10
+    # by hand, pairs (seed, index): none 9/10 right, tome 7/10, bigain_tm 9/10
+    assert pooled.loc["none", "accuracy"] == pytest.approx(0.9)
+    assert pooled.loc["tome", "accuracy"] == pytest.approx(0.7) and pooled.loc["bigain_tm", "accuracy"] == 0.9
+    # tome vs none: right only with none (0,1) (0,2) (1,0); only with tome (1,3): b=3, c=1
+    assert (pooled.loc["tome", "baseline_only_other_right"], pooled.loc["tome", "baseline_only_method_right"]) == (3, 1)
+    # bigain_tm vs tome at the same ratio: only tome (none); only bigain_tm (0,1) (1,0): b=0, c=2
+    assert pooled.loc["bigain_tm", "reference"] == "tome ratio=0.7"
+    assert (pooled.loc["bigain_tm", "reference_only_other_right"],
+            pooled.loc["bigain_tm", "reference_only_method_right"]) == (0, 2)
+    assert pooled.loc["bigain_tm", "reference_delta"] == pytest.approx(0.2)
+    raw = [mcnemar_exact(3, 1), mcnemar_exact(1, 1), mcnemar_exact(0, 2)]  # tome vs none, tm vs none, tm vs tome
+    assert pooled.loc["tome", "baseline_p"] == pytest.approx(raw[0])
+    holm = holm_adjust(raw)
+    assert pooled.loc["tome", "baseline_p_holm"] == pytest.approx(holm[0])
+    assert pooled.loc["bigain_tm", "baseline_p_holm"] == pytest.approx(holm[1])
+    assert pooled.loc["bigain_tm", "reference_p_holm"] == pytest.approx(holm[2])
+    assert pd.isna(pooled.loc["none", "baseline_p"]) if "baseline_p" in pooled else True
+    md = pooled_markdown(pooled.reset_index())
+    assert "### toy on toy (seeds 0, 1)" in md and "| bigain_tm legacy_grouping=True, ratio=0.7 | 10 | 90.0" in md
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "rep"), "--pool_seeds"]) == 0
+    assert "# Pooled over seeds" in (tmp_path / "rep" / "pooled.md").read_text()
+    assert len(pd.read_csv(tmp_path / "rep" / "pooled.csv")) == 3

@@ -8,7 +8,9 @@
   output's energy survives compression;
 * :mod:`bigain.analysis.edge_survival` - the share of the highest-Laplacian (edge) tokens that
   survive merging or pruning, per method and timestep;
-* :mod:`bigain.analysis.samples` - generated images of several runs in one labelled grid.
+* :mod:`bigain.analysis.samples` - generated images of several runs in one labelled grid;
+* :mod:`bigain.analysis.study` - classification runs pooled over noise seeds, with paired tests
+  against the baseline and each method's reference (``bigain report --pool_seeds``).
 
 ``bigain visualize`` (:mod:`bigain.commands.visualize`) runs them from the command line.
 """

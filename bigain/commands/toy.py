@@ -48,7 +48,7 @@ def build_parser():
     train.add_argument("--denoisers", type=Literal["dit", "unet"], nargs="+", default=["dit", "unet"],
                        help="the toy denoisers to train: dit, unet or both")
     train.add_argument("--steps", type=int, default=9000, help="DiT training steps")
-    train.add_argument("--unet_steps", type=int, default=2500, help="UNet training steps")
+    train.add_argument("--unet_steps", type=int, default=1600, help="UNet training steps")
     train.add_argument("--batch_size", type=int, default=32, help="training batch size of both denoisers")
     train.add_argument("--classifier_steps", type=int, default=600,
                        help="classifier training steps; 0 keeps the classifier already in --out")

@@ -151,6 +151,7 @@ def write_model_card(assets: str | Path, metrics: dict[str, Any], *, command: st
         return f"| {text} | " + " | ".join(cells) + " |"
 
     images = sorted({m.get("dc_images") for m in measured.values()} - {None})
+    dtypes = sorted({m.get("evaluation_dtype", "float32") for m in measured.values()})
     per_class = sorted({m.get("fidelity_per_class") for m in measured.values()} - {None})
     header = "| metric | " + " | ".join(TOY_DENOISERS[k]["label"] for k in measured) + " |"
     lines = [
@@ -199,7 +200,7 @@ def write_model_card(assets: str | Path, metrics: dict[str, Any], *, command: st
             header,
             "|---|" + "---|" * len(measured),
             row(f"diffusion-classifier accuracy, uncompressed, 5/20 protocol ({'/'.join(map(str, images))} test "
-                f"images, {'/'.join(sorted({m.get('evaluation_dtype', 'float32') for m in measured.values()}))})", "dc_accuracy"),
+                f"images, {'/'.join(dtypes)})", "dc_accuracy"),
             row("... texture classes / shape classes", "dc_accuracy_texture", "dc_accuracy_shape"),
             "| compressed layers | " + " | ".join(m.get("tome_layers", "?") for m in measured.values()) + " |",
             row("diffusion-classifier accuracy, `tome` ratio 0.7", "dc_tome70_accuracy"),

@@ -305,7 +305,7 @@ def build_toy_unet() -> ToyUNetModel:
 def train_toy_unet(
     out_dir: str | Path,
     *,
-    steps: int = 3000,
+    steps: int = 1600,
     batch_size: int = 32,
     lr: float = 1e-3,
     warmup: int = 50,
