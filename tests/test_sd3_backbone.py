@@ -455,3 +455,25 @@ def test_the_config_reference_lists_the_sd3_options():
                 if p.kind is p.KEYWORD_ONLY}
     assert list(shown) == list(expected)
     assert all(ast.literal_eval(v) == expected[k] for k, v in shown.items())
+
+
+def test_the_visualize_probe_noises_by_the_flow_and_feeds_the_model_its_own_timestep(ckpts):
+    from bigain.analysis.probe import probe_backbone
+
+    bb = backbone(ckpts["sd3"])
+    image = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    seen = {}
+    original = bb.transformer.forward
+
+    def spy(*args, **kwargs):
+        seen["hidden"], seen["timestep"] = kwargs["hidden_states"].clone(), kwargs["timestep"].clone()
+        return original(*args, **kwargs)
+
+    bb.transformer.forward = spy
+    probe = probe_backbone(bb, image, timestep=600, prompt="a cat", seed=5)
+    probe.forward()
+    x0 = bb.encode(image[None])
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(5))
+    s = float(closed_form_sigma(torch.tensor(600)))
+    assert torch.allclose(seen["hidden"], (1 - s) * x0 + s * noise, atol=1e-5)
+    assert seen["timestep"].tolist() == pytest.approx([1000 * s])

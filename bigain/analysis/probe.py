@@ -355,9 +355,9 @@ def probe_backbone(backbone: Any, image: Tensor, *, timestep: int = 500, label: 
                           f"it needs a VAE (a latent model folder with vae/) or an RGB pixel-space model")
     g = torch.Generator().manual_seed(int(seed))
     noise = torch.randn(x0.shape, generator=g).to(x0.device)
-    a = backbone.alphas_cumprod[timestep].float().to(x0.device)
-    x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
     t = torch.tensor([timestep], dtype=torch.long, device=x0.device)
+    x_t = backbone.add_noise(x0, noise, t)  # the model's own noising (DDPM or rectified flow)
+    t_model = backbone.timestep_input(t)
     if getattr(backbone, "text_conditioned", False):
         backbone.set_classes(prompts=[prompt])
         what = f"prompt {prompt!r}"
@@ -371,7 +371,7 @@ def probe_backbone(backbone: Any, image: Tensor, *, timestep: int = 500, label: 
 
     def forward() -> Tensor:
         with torch.no_grad():
-            return backbone.predict_noise(x_t, t, cond)
+            return backbone.predict_noise(x_t, t_model, cond)
 
     shown = ((image + 1) / 2).clamp(0, 1).permute(1, 2, 0).cpu().numpy()
     name = type(backbone).__name__
