@@ -361,3 +361,21 @@ def test_edge_survival_errors_say_what_to_do(tiny, capsys):
     assert "merge or prune method" in capsys.readouterr().err
     assert main(["visualize", "--what", "edges", "--model_path", path, "--timesteps", "1000"]) == 2
     assert "[0, 999]" in capsys.readouterr().err
+
+
+def test_a_toy_unet_folder_is_recognised_and_its_full_resolution_level_is_probed(tmp_path, capsys):
+    from bigain.analysis.probe import load_backbone
+    from bigain.toy.train import train_toy_unet
+
+    path = str(train_toy_unet(tmp_path / "m", steps=1, batch_size=2, train_images=2, bf16=False))
+    assert type(load_backbone(path=path)).__name__ == "ToyUNet"  # unet/ + class_prompts.safetensors
+    out = tmp_path / "edges"
+    rc = main(["visualize", "--what", "edges", "--model_path", path, "--num_images", "1", "--timesteps", "500",
+               "--methods", "none", "tome", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    table = pd.read_csv(out / "edge_survival.csv")
+    assert (table["edge_tokens"] == 103).all()  # 10% of the 32x32 = 1024 tokens of the level compressed
+    assert main(["visualize", "--what", "edges", "--model", "sdxl"]) == 2
+    assert "registered backbone" in capsys.readouterr().err
+    assert main(["visualize", "--what", "edges", "--model", "dit"]) == 2
+    assert "--model_path" in capsys.readouterr().err

@@ -265,33 +265,38 @@ def capture_layer(probe: Probe, layer: int, *, seed: int = 0) -> CapturedLayer:
 
 def load_backbone(*, model: str = "toy", path: str | None = None, dtype: str = "float32",
                   device: str = "cpu") -> Any:
-    """The backbone to look inside: the bundled toy DiT, or a DiT / Stable Diffusion checkpoint.
+    """The backbone to look inside: a bundled toy model, or a checkpoint of any registered backbone.
 
     Args:
-        model: ``toy`` (default), ``dit`` or ``stable-diffusion``; with ``path`` and ``toy``, the
-            family is detected from the folder (``transformer/`` -> DiT, ``unet/`` -> Stable
-            Diffusion) or the hub id (``DiT`` in the name -> DiT).
+        model: ``toy`` (default: the bundled toy DiT) or ``toy-unet`` (the bundled toy UNet), or a
+            registered backbone name (``dit``, ``stable-diffusion``, ``pixart``, ``sd3``, ...) for
+            ``path``; with ``path`` and ``toy``, the family is detected from the folder
+            (``transformer/`` -> DiT, ``unet/`` with ``class_prompts.safetensors`` -> toy UNet,
+            ``unet/`` -> Stable Diffusion) or the hub id (``DiT`` in the name -> DiT).
         path: a checkpoint folder or hub id.
         dtype: precision the networks run in.
         device: where to run.
     """
-    from bigain.backbones import create_backbone
+    from bigain.backbones import BACKBONES, create_backbone
 
+    if model not in BACKBONES.names():
+        raise ConfigError(f"--model must be a registered backbone ({', '.join(BACKBONES.names())}), got {model!r}")
     if path is None:
-        if model != "toy":
-            raise ConfigError(f"--model {model} needs --model-path (a checkpoint folder or hub id)")
-        backbone = create_backbone("toy", dtype=dtype)
+        if model not in ("toy", "toy-unet"):
+            raise ConfigError(f"--model {model} needs --model_path (a checkpoint folder or hub id)")
+        backbone = create_backbone(model, dtype=dtype)
     else:
         name = model
-        if name not in ("dit", "stable-diffusion"):
+        if name == "toy":
             root = Path(path).expanduser()
             if (root / "transformer").is_dir():
                 name = "dit"
             elif (root / "unet").is_dir():
-                name = "stable-diffusion"
+                name = "toy-unet" if (root / "class_prompts.safetensors").is_file() else "stable-diffusion"
             elif root.exists():
                 raise CheckpointError(f"{root} holds neither transformer/ (a DiT) nor unet/ (Stable Diffusion); "
-                                      f"give a diffusers pipeline folder written by save_pretrained")
+                                      f"give a diffusers pipeline folder written by save_pretrained, or name its "
+                                      f"backbone with --model")
             else:
                 name = "dit" if "dit" in path.lower() else "stable-diffusion"
         backbone = create_backbone(name, path=path, dtype=dtype)

@@ -14,8 +14,8 @@ edges       edge survival: for the merge and prune methods, the share of a layer
 samples     generation run folders side by side, one row per method, uncompressed first
             (OUT/samples.png).
 
-The model is the bundled toy DiT (default; runs on CPU in seconds) or a DiT / Stable Diffusion
-checkpoint given with --model_path. Methods are `name[:key=value,...]`; --ratio and --factor fill in
+The model is the bundled toy DiT (default; runs on CPU in seconds), the bundled toy UNet
+(--model toy-unet), or a checkpoint given with --model_path (DiT, Stable Diffusion, PixArt, SD3, ...). Methods are `name[:key=value,...]`; --ratio and --factor fill in
 the methods that take them. Example:
 
     bigain visualize --what all --index 3 --timestep 300 --runs runs/gen-none runs/gen-tome
@@ -38,10 +38,12 @@ def build_parser():
 
     parser.add_argument("--what", type=Literal["merge-maps", "spectrum", "edges", "samples", "all"], default="all",
                         help="which figures to draw (samples only when --runs is given)")
-    parser.add_argument("--model", type=Literal["toy", "dit", "stable-diffusion"], default="toy",
-                        help="toy (the bundled toy DiT), or the family of --model_path (detected if toy)")
+    parser.add_argument("--model", type=str, default="toy",
+                        help="toy (the bundled toy DiT), toy-unet (the bundled toy UNet), or the registered backbone "
+                             "of --model_path: dit, stable-diffusion, pixart, sd3, ... (detected from the folder if "
+                             "toy)")
     parser.add_argument("--model_path", type=str | None, default=None,
-                        help="a DiT or Stable Diffusion checkpoint folder or hub id")
+                        help="a checkpoint folder or hub id")
     parser.add_argument("--dtype", type=DType, default="float32",
                         help="float32 (fp32), float16 (fp16) or bfloat16 (bf16)")
     parser.add_argument("--device", type=str, default="cpu", help="where to run the model")
