@@ -32,6 +32,7 @@ ask which kind a backbone is; they call the methods below, whose defaults are th
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -244,6 +245,9 @@ class DiffusionBackbone(nn.Module, ABC):
     classification_target: ClassVar[str] = "epsilon"
     #: The samplers generation can use with this model (the first is the fallback of ``sampler: auto``).
     samplers: ClassVar[tuple[str, ...]] = ("euler", "ddim")
+    #: Generation's classifier-free guidance scale when ``guidance_scale`` is not given; ``None``: 7.5
+    #: for text-conditioned models, 4.0 for class-conditional ones (FLUX: 1.0, no guidance batch).
+    default_guidance_scale: ClassVar[float | None] = None
 
     denoiser: nn.Module
     alphas_cumprod: Tensor
@@ -338,6 +342,12 @@ class DiffusionBackbone(nn.Module, ABC):
         cls = EulerDiscreteScheduler if sampler == "euler" else DDIMScheduler
         return cls.from_config(self.scheduler_config, prediction_type=self.prediction_type)
 
+    def set_sampling_timesteps(self, scheduler: Any, steps: int, *, device: Any = None,
+                               shape: Sequence[int] | None = None) -> None:
+        """Set the ``steps`` sampling timesteps of a :meth:`sampling_scheduler` for latents of ``shape``
+        ``(C, h, w)``: the scheduler's own spacing (``set_timesteps(steps)``) here."""
+        scheduler.set_timesteps(steps, device=device)
+
     def compile_denoiser(self, mode: CompileMode) -> None:
         """Run the denoiser through ``torch.compile`` in ``mode`` from now on (``none``: eager).
 
@@ -380,12 +390,24 @@ class RectifiedFlow:
     ``u = (i + 1) / T`` - the scheduler's own (shifted) training sigmas, lowest noise first - and the
     model receives the timestep ``T * s_i``. :meth:`predict_noise` converts the velocity to the noise,
     ``eps = x_t + (1 - s) * v``; :meth:`predict_sample` to the clean sample, ``x0 = x_t - s * v``.
+
+    Resolution-dependent shifting (``use_dynamic_shifting``, FLUX.1-dev; only for a class that sets
+    :attr:`dynamic_shifting`): the sigmas are shifted by ``mu``, linear in the image's token count
+    ``n`` from ``(base_image_seq_len, base_shift)`` to ``(max_image_seq_len, max_shift)``, as the
+    diffusers pipelines compute it: ``s = e^mu / (e^mu + (1 / u - 1))`` (``mu / (mu + (1 / u - 1))``
+    with ``time_shift_type: linear``), for the classifier's noise levels and the sampler alike. The
+    token count comes from the latents (:meth:`image_seq_len`): :meth:`add_noise` reads it from its
+    noise and remembers it, so :meth:`timestep_input` (which sees only indices) gives the timesteps
+    of the latents last noised.
     """
 
     classification_target: ClassVar[str] = "native"
     samplers: ClassVar[tuple[str, ...]] = ("euler",)
+    #: True when the backbone knows its token count and accepts ``use_dynamic_shifting`` checkpoints.
+    dynamic_shifting: ClassVar[bool] = False
     prediction_type: str = FLOW_PREDICTION
     flow_sigmas: Tensor
+    _flow_seq_len: int | None = None
 
     def use_flow_schedule(self, path: str) -> None:
         """Read the checkpoint's ``scheduler/`` config (a ``FlowMatchEulerDiscreteScheduler``): sets
@@ -404,7 +426,7 @@ class RectifiedFlow:
         if "FlowMatch" not in str(kind):
             raise CheckpointError(f"the scheduler config of {path} is a {kind}; a flow-matching model needs a "
                                   f"FlowMatchEulerDiscreteScheduler config (scheduler/scheduler_config.json)")
-        if raw.get("use_dynamic_shifting"):
+        if raw.get("use_dynamic_shifting") and not self.dynamic_shifting:
             raise CheckpointError(f"the scheduler config of {path} shifts its sigmas by image resolution "
                                   f"(use_dynamic_shifting), which {type(self).__name__} does not support; use a "
                                   f"checkpoint with a fixed shift (Stable Diffusion 3 / 3.5)")
@@ -412,15 +434,51 @@ class RectifiedFlow:
         self.scheduler_config = dict(scheduler.config)
         self.prediction_type = FLOW_PREDICTION
         # the training sigmas, highest noise first in diffusers: flipped so index i means u = (i + 1) / T
+        # (unshifted with use_dynamic_shifting: the shift is applied per token count in sigma())
         self.register_buffer("flow_sigmas", scheduler.sigmas.double().flip(0).clone(), persistent=False)
+        self._flow_seq_len = None
+
+    @property
+    def shifts_by_resolution(self) -> bool:
+        """True when the checkpoint's sigmas are shifted by the image's token count (``use_dynamic_shifting``)."""
+        return bool(self.scheduler_config.get("use_dynamic_shifting"))
+
+    def image_seq_len(self, shape: Sequence[int]) -> int:
+        """The number of image tokens the denoiser sees for latents of ``shape`` (``[..., C, h, w]``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not count its image tokens")
+
+    def shift_mu(self, seq_len: int) -> float:
+        """The resolution shift ``mu`` for ``seq_len`` image tokens (the scheduler config's base / max
+        shift at its base / max sequence lengths, linear in between and beyond)."""
+        cfg = self.scheduler_config
+        n0, n1 = float(cfg.get("base_image_seq_len", 256)), float(cfg.get("max_image_seq_len", 4096))
+        m0, m1 = float(cfg.get("base_shift", 0.5)), float(cfg.get("max_shift", 1.15))
+        slope = (m1 - m0) / (n1 - n0)
+        return seq_len * slope + (m0 - slope * n0)
+
+    def _seq_len(self, shape: Sequence[int] | None) -> int:
+        if shape is not None:
+            return self.image_seq_len(shape)
+        if self._flow_seq_len is None:
+            raise RuntimeError(f"{type(self).__name__}'s noise levels depend on the image's token count: noise a "
+                               f"batch with add_noise (or pass the latent shape) before asking for its timesteps")
+        return self._flow_seq_len
+
+    def sigma(self, t: Tensor, shape: Sequence[int] | None = None) -> Tensor:
+        """float64 noise levels ``s`` ``[B]`` for training-schedule indices ``t`` ``[B]`` (with
+        resolution shifting: for latents of ``shape``, by default those last noised)."""
+        s = self.flow_sigmas.to(t.device)[t.long()]
+        if not self.shifts_by_resolution:
+            return s
+        mu = self.shift_mu(self._seq_len(shape))
+        inv = 1.0 / s - 1.0
+        if self.scheduler_config.get("time_shift_type", "exponential") == "linear":
+            return mu / (mu + inv)
+        return math.exp(mu) / (math.exp(mu) + inv)
 
     @property
     def num_train_timesteps(self) -> int:
         return int(self.flow_sigmas.numel())
-
-    def sigma(self, t: Tensor) -> Tensor:
-        """float64 noise levels ``s`` ``[B]`` for training-schedule indices ``t`` ``[B]``."""
-        return self.flow_sigmas.to(t.device)[t.long()]
 
     def _level(self, t: Tensor, like: Tensor) -> Tensor:
         """``s = t / T`` for model timesteps ``t`` ``[B]``, float32, shaped to broadcast over ``like``."""
@@ -428,12 +486,16 @@ class RectifiedFlow:
         return s.to(like.dtype).view((-1,) + (1,) * (like.ndim - 1))
 
     def add_noise(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
-        """``x_t = (1 - s) * x0 + s * eps`` with ``s = flow_sigmas[t]`` (float32 maths)."""
+        """``x_t = (1 - s) * x0 + s * eps`` with ``s = flow_sigmas[t]`` (float32 maths; shifted for
+        ``eps``'s token count, which is remembered, with resolution shifting)."""
+        if self.shifts_by_resolution:
+            self._flow_seq_len = self.image_seq_len(eps.shape)
         s = self.sigma(t.to(eps.device)).float().view(-1, 1, 1, 1)
         return (1.0 - s) * x0 + s * eps
 
     def timestep_input(self, t: Tensor) -> Tensor:
-        """float32 model timesteps ``T * s`` for training-schedule indices ``t``."""
+        """float32 model timesteps ``T * s`` for training-schedule indices ``t`` (with resolution
+        shifting: at the token count of the latents last noised)."""
         return (self.sigma(t) * self.num_train_timesteps).float()
 
     def native_target(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
@@ -462,3 +524,20 @@ class RectifiedFlow:
             raise ConfigError(f"{type(self).__name__} is a flow-matching model: it samples with the flow Euler "
                               f"sampler (sampler: euler or auto), not {sampler!r}")
         return FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config)
+
+    def sampling_sigmas(self, steps: int) -> Any:
+        """The unshifted sigmas to sample ``steps`` steps at, or ``None`` for the scheduler's own spacing
+        (Stable Diffusion 3's)."""
+        return None
+
+    def set_sampling_timesteps(self, scheduler: Any, steps: int, *, device: Any = None,
+                               shape: Sequence[int] | None = None) -> None:
+        """Set the flow sampler's timesteps: :meth:`sampling_sigmas` (or the scheduler's own spacing),
+        shifted by the checkpoint's ``shift`` or, with resolution shifting, by ``mu`` for latents of
+        ``shape`` (by default those last noised)."""
+        extra = {"mu": self.shift_mu(self._seq_len(shape))} if self.shifts_by_resolution else {}
+        sigmas = self.sampling_sigmas(steps)
+        if sigmas is None:
+            scheduler.set_timesteps(steps, device=device, **extra)
+        else:
+            scheduler.set_timesteps(sigmas=sigmas, device=device, **extra)

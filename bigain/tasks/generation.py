@@ -102,7 +102,8 @@ class DiffusionGenerator(DiffusionTask):
             (``FlowMatchEulerDiscreteScheduler``, its ``shift`` from the checkpoint), ``euler`` or ``auto``.
         steps: sampling steps (1..1000).
         guidance_scale: classifier-free guidance with the empty prompt / null class; ``None``: 7.5
-            for SD, 4.0 for DiT and toy; 1.0 disables guidance.
+            for SD, 4.0 for DiT and toy, 1.0 for Flux (FLUX.1-dev is guidance-distilled: its strength is
+            the backbone's ``guidance`` option, and it refuses any other value); 1.0 disables guidance.
         seed: seeds every image's starting noise (with its dataset index) and the compressor.
         compile: run the compressed denoiser through ``torch.compile`` (``default``,
             ``reduce-overhead`` for CUDA graphs, ``max-autotune``) or eagerly (``none``); recorded in
@@ -170,7 +171,9 @@ class DiffusionGenerator(DiffusionTask):
         self.text_conditioned = text
         auto = "euler" if text else "ddim"
         self.sampler_name = sampler if sampler != "auto" else (auto if auto in samplers else samplers[0])
-        self.guidance = float(guidance_scale) if guidance_scale is not None else (7.5 if text else 4.0)
+        default = getattr(self.backbone_class, "default_guidance_scale", None)
+        self.guidance = float(guidance_scale if guidance_scale is not None
+                              else default if default is not None else (7.5 if text else 4.0))
         self.image_dir: Path | None = None  # default: <run folder>/images
         self._done = 0
         self.timer = ForwardTimer()  # the time inside the denoiser's forwards, per batch
@@ -209,12 +212,13 @@ class DiffusionGenerator(DiffusionTask):
         self.image_dir.mkdir(parents=True, exist_ok=True)
 
     # -- sampling ------------------------------------------------------------------------------
-    def make_scheduler(self):
-        """A fresh diffusers scheduler for one batch, with its timesteps set."""
+    def make_scheduler(self, shape: tuple[int, ...] | None = None):
+        """A fresh diffusers scheduler for one batch of latents of ``shape`` ``(C, h, w)``, with its
+        timesteps set (by the backbone: a resolution-shifted flow model's depend on the shape)."""
         # steps the model's own output: the scheduler converts eps, v or x0 by the checkpoint's type
         # (a flow-matching backbone's is the flow Euler scheduler, stepping the velocity)
         scheduler = self.backbone.sampling_scheduler(self.sampler_name)
-        scheduler.set_timesteps(self.hparams.steps, device=self.backbone.device)
+        self.backbone.set_sampling_timesteps(scheduler, self.hparams.steps, device=self.backbone.device, shape=shape)
         return scheduler
 
     @torch.no_grad()
@@ -226,7 +230,7 @@ class DiffusionGenerator(DiffusionTask):
         same type; guidance is linear in the output, so it mixes any of them alike.
         """
         bb, g = self.backbone, self.guidance
-        scheduler = self.make_scheduler()
+        scheduler = self.make_scheduler(tuple(noise.shape[1:]))
         latents = noise.to(bb.device, torch.float32) * getattr(scheduler, "init_noise_sigma", 1.0)
         n = latents.shape[0]
         both = bb.concat_conditions([cond, bb.null_conditions(n)]) if g != 1.0 else None
