@@ -98,7 +98,7 @@ API_PAGES = {
     "bigain.errors": "errors", "bigain.testing": "testing", "bigain.conformance": "conformance",
     "bigain.checks": "conformance", "bigain.tasks": "tasks", "bigain.tasks.adaptive": "tasks",
     "bigain.tasks.classification": "tasks", "bigain.tasks.generation": "tasks", "bigain.backbones": "backbones",
-    "bigain.backbones.sd3": "backbones",
+    "bigain.backbones.sd3": "backbones", "bigain.backbones.flux": "backbones",
     "bigain.datamodules": "datamodules", "bigain.datamodules.base": "datamodules", "bigain.metric": "metric",
     "bigain.metrics": "metrics", "bigain.runs": "runs", "bigain.sweep": "sweep", "bigain.reporting": "reporting",
     "bigain.plots": "plots", "bigain.bench": "bench", "bigain.analysis": "analysis",
