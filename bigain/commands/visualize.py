@@ -15,8 +15,9 @@ samples     generation run folders side by side, one row per method, uncompresse
             (OUT/samples.png).
 
 The model is the bundled toy DiT (default; runs on CPU in seconds), the bundled toy UNet
-(--model toy-unet), or a checkpoint given with --model_path (DiT, Stable Diffusion, PixArt, SD3, ...). Methods are `name[:key=value,...]`; --ratio and --factor fill in
-the methods that take them. Example:
+(--model toy-unet), or a checkpoint given with --model_path (DiT, Stable Diffusion, PixArt, SD3,
+...). Methods are `name[:key=value,...]`; --ratio and --factor fill in the methods that take
+them. Example:
 
     bigain visualize --what all --index 3 --timestep 300 --runs runs/gen-none runs/gen-tome
 """
