@@ -471,3 +471,19 @@ def test_example_configs_parse_and_their_options_are_valid(name, capsys):
     module = (DiffusionClassifier if task == "classify" else DiffusionGenerator)(**cfg["model"])  # nothing loaded
     if task == "generate":
         assert module.guidance == 1.0
+
+
+def test_the_tasks_declare_the_packed_token_grid_so_a_compiled_denoiser_still_compresses(ckpts, monkeypatch):
+    from bigain.tasks.classification import DiffusionClassifier
+
+    module = DiffusionClassifier(backbone="flux", backbone_options={"path": ckpts["dev"]}, compressor="tome",
+                                 compressor_options={"ratio": 0.5})
+    module.configure_model()
+    adapter = module.handle.adapter
+    assert adapter.grids == {}
+    module.declare_image_size(48)  # 48 px -> 24 x 24 latent (VAE factor 2) -> 12 x 12 packed tokens
+    assert adapter.grids == {144: (12, 12)}
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # inside a graph nothing is read back
+    ids = torch.zeros(144, 3)
+    assert adapter.token_size((), {"img_ids": ids}) == (12, 12)
+    assert adapter.token_size((), {"img_ids": torch.zeros(100, 3)}) is None  # undeclared: passed through

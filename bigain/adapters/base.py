@@ -140,6 +140,13 @@ class DenoiserAdapter(ABC):
         """The call's timesteps as given (a tensor or a number), or ``None``."""
         return argument(args, kwargs, 1, ("timestep", "timesteps"))
 
+    def declare_latent(self, shape: tuple[int, int, int]) -> None:
+        """Told, before the first call, the ``(C, h, w)`` latent the evaluation tasks will denoise.
+        The default does nothing (the grid follows the input's shape); an adapter whose denoiser
+        sees tokens without a 2-D shape (Flux's packed latents) records the grid here, so no call
+        has to read it back from the device and a compiled denoiser still finds it."""
+        return None
+
     def grid(self, site: AttentionSite, num_tokens: int, size: tuple[int, int]) -> tuple[int, int] | None:
         """The token grid of a call of ``site`` with ``num_tokens`` tokens, given the level-1 ``size``.
 

@@ -11,7 +11,8 @@ The image grid: Flux receives packed latents ``[B, h * w, C]`` and the tokens' c
 first time a token count is seen - one small host read, remembered for that count - or declared
 ahead with :meth:`FluxAdapter.set_grid` (``handle.adapter.set_grid(h, w)``), which a compiled
 denoiser needs: inside a ``torch.compile`` graph an unknown count is never read, and the call is
-passed through uncompressed with the reason in ``handle.stats()``.
+passed through uncompressed with the reason in ``handle.stats()``. ``bigain classify`` /
+``generate`` declare it for you (:meth:`FluxAdapter.declare_latent`, from the image size).
 
 Rotary embeddings: ``ctx.positions`` are the ``img_ids`` coordinates; a compressor returns the
 positions of its queries and keys, and the tables are recomputed from them with the model's own
@@ -66,6 +67,11 @@ class FluxAdapter(DenoiserAdapter):
         if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (height, width)):
             raise ConfigError(f"set_grid needs two positive integers (token rows, columns), got {height!r}, {width!r}")
         self.grids[height * width] = (height, width)
+
+    def declare_latent(self, shape: tuple[int, int, int]) -> None:
+        """The ``(C, h, w)`` latent packs into 2x2 patches: an ``h/2 x w/2`` token grid."""
+        _, height, width = (int(v) for v in shape)
+        self.set_grid(height // 2, width // 2)
 
     def _image_ids(self, args: tuple, kwargs: dict) -> Tensor | None:
         ids = argument(args, kwargs, 4, ("img_ids",))

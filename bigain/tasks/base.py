@@ -66,4 +66,11 @@ class DiffusionTask(L.LightningModule):
             raise ConfigError(f"{type(self).__name__} needs a bigain datamodule ({needs})")
         if self.handle is not None:
             self.handle.reset_stats()
+            self.declare_image_size(int(dm.image_size))
         return dm
+
+    def declare_image_size(self, image_size: int) -> None:
+        """Tell the compressor's adapter the latent it will see for ``image_size`` images
+        (:meth:`bigain.adapters.DenoiserAdapter.declare_latent`: Flux's token grid, ahead of any call)."""
+        if self.handle is not None:
+            self.handle.adapter.declare_latent(self.backbone.latent_shape(image_size))
