@@ -1,8 +1,9 @@
 """Train, evaluate and document the bundled toy models.
 
-  bigain toy train [--out DIR]        train the toy classifier (a few minutes), the toy DiT and the toy
-                                      UNet (about an hour each on 2 CPU cores) into DIR (default
-                                      runs/toy-train), then evaluate them and write DIR/MODEL_CARD.md;
+  bigain toy train [--out DIR]        train the toy classifier (a few minutes), the toy DiT (just under
+                                      an hour on 2 CPU cores) and the toy UNet (about 40 minutes) into
+                                      DIR (default runs/toy-train), then evaluate them and write
+                                      DIR/MODEL_CARD.md;
                                       --classifier_steps 0 keeps the classifier already in DIR,
                                       --denoisers dit (or unet) trains one denoiser only
   bigain toy evaluate [--assets DIR]  measure the models in DIR again and rewrite its MODEL_CARD.md
