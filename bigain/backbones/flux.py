@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -42,7 +41,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from bigain.backbones.base import DiffusionBackbone, RectifiedFlow, VAELatents
+from bigain.backbones.base import DiffusionBackbone, PooledPrompts, PromptConditions, RectifiedFlow, VAELatents
 from bigain.backbones.loading import is_local, load_component, require_subfolders
 from bigain.errors import CheckpointError, ConfigError
 
@@ -51,28 +50,8 @@ __all__ = ["Flux", "FluxConditions", "pack_latents", "unpack_latents", "image_id
 _PARTS = ["transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"]
 
 
-@dataclass(frozen=True)
-class FluxConditions:
-    """A batch of Flux prompt conditions: the T5 tokens ``embeds`` ``[B, L, D]`` and the pooled CLIP
-    embedding ``pooled`` ``[B, P]``."""
-
-    embeds: Tensor
-    pooled: Tensor
-
-    def __len__(self) -> int:
-        return int(self.embeds.shape[0])
-
-    def __getitem__(self, index: Any) -> FluxConditions:
-        return FluxConditions(self.embeds[index], self.pooled[index])
-
-    def to(self, device: Any) -> FluxConditions:
-        return FluxConditions(self.embeds.to(device), self.pooled.to(device))
-
-    def expand(self, batch: int) -> FluxConditions:
-        """A batch of ``batch`` copies of a single condition."""
-        if len(self) != 1:
-            raise ValueError(f"expand() needs a single condition, this batch has {len(self)}")
-        return FluxConditions(self.embeds.expand(batch, -1, -1), self.pooled.expand(batch, -1))
+#: Flux's prompt conditions: the T5 tokens ``[B, L, D]`` and the pooled CLIP embedding.
+FluxConditions = PromptConditions
 
 
 def _check_grid(h: int, w: int) -> None:
@@ -117,7 +96,7 @@ def _positive_int(value: Any, name: str, hint: str) -> int:
     return value
 
 
-class Flux(VAELatents, RectifiedFlow, DiffusionBackbone):
+class Flux(VAELatents, PooledPrompts, RectifiedFlow, DiffusionBackbone):
     """A FLUX.1 pipeline's parts, loaded with diffusers/transformers ``from_pretrained``.
 
     Args:
@@ -200,9 +179,6 @@ class Flux(VAELatents, RectifiedFlow, DiffusionBackbone):
         self.clip_length = int(self.tokenizer.model_max_length)  # 77, as the pipeline
         self.max_sequence_length = max_sequence_length
         self.text_batch = text_batch
-        self._class_prompts: tuple[str, ...] = ()
-        self._class_cond: FluxConditions | None = None
-        self._null: FluxConditions | None = None
         self._ids: dict[tuple[int, int, str], Tensor] = {}
 
     def latent_shape(self, image_size: int) -> tuple[int, int, int]:
@@ -239,21 +215,6 @@ class Flux(VAELatents, RectifiedFlow, DiffusionBackbone):
             embeds.append(self.text_encoder_2(t5.input_ids.to(self.device), output_hidden_states=False)[0])
         return FluxConditions(torch.cat(embeds), torch.cat(pooled))
 
-    def set_classes(self, *, prompts: Sequence[str], label_ids: Sequence[int] | None = None) -> None:
-        if tuple(prompts) != self._class_prompts or self._class_cond is None:
-            self._class_prompts = tuple(prompts)
-            self._class_cond = self.encode_prompts(self._class_prompts)  # computed once, then cached
-
-    def class_conditions(self, classes: Tensor) -> FluxConditions:
-        if self._class_cond is None:
-            raise RuntimeError("call set_classes(prompts=...) before class_conditions")
-        if self._class_cond.embeds.device != self.device:
-            self._class_cond = self._class_cond.to(self.device)
-        return self._class_cond[classes.to(self.device)]
-
-    def prompt_conditions(self, prompts: Sequence[str]) -> FluxConditions:
-        return self.encode_prompts(prompts)
-
     def null_conditions(self, batch: int) -> FluxConditions:
         """The empty prompt's conditions, ``batch`` times, for true classifier-free guidance; refused by a
         guidance-distilled checkpoint (FLUX.1-dev), which has none."""
@@ -261,12 +222,7 @@ class Flux(VAELatents, RectifiedFlow, DiffusionBackbone):
             raise ConfigError(f"the Flux checkpoint {self.path} is guidance-distilled (guidance_embeds): it has no "
                               f"classifier-free guidance. Leave generation's guidance_scale at 1 (the default) and "
                               f"set the guidance strength with backbone_options.guidance (now {self.guidance:g})")
-        if self._null is None or self._null.embeds.device != self.device:
-            self._null = self.encode_prompts([""])
-        return self._null.expand(batch)
-
-    def concat_conditions(self, conds: Sequence[FluxConditions]) -> FluxConditions:
-        return FluxConditions(torch.cat([c.embeds for c in conds]), torch.cat([c.pooled for c in conds]))
+        return super().null_conditions(batch)
 
     # -- the model -----------------------------------------------------------------------------
     def _image_ids(self, height: int, width: int) -> Tensor:
@@ -277,7 +233,7 @@ class Flux(VAELatents, RectifiedFlow, DiffusionBackbone):
 
     def predict_output(self, x_t: Tensor, t: Tensor, cond: FluxConditions) -> Tensor:
         """The float32 velocity ``[B, C, h, w]`` for latents ``x_t`` at model timesteps ``t`` (``1000 * s``)."""
-        if not isinstance(cond, FluxConditions):
+        if not isinstance(cond, PromptConditions):
             raise TypeError(f"Flux conditions are FluxConditions (from class_conditions / prompt_conditions / "
                             f"null_conditions), got {type(cond).__name__}")
         b, _, h, w = x_t.shape

@@ -24,7 +24,6 @@ compressed.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bigain.backbones.base import DiffusionBackbone, RectifiedFlow, VAELatents
+from bigain.backbones.base import DiffusionBackbone, PooledPrompts, PromptConditions, RectifiedFlow, VAELatents
 from bigain.backbones.loading import is_local, load_component, require_subfolders
 from bigain.errors import CheckpointError, ConfigError
 
@@ -41,28 +40,8 @@ __all__ = ["StableDiffusion3", "SD3Conditions"]
 _PARTS = ["transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"]
 
 
-@dataclass(frozen=True)
-class SD3Conditions:
-    """A batch of SD3 prompt conditions: the joint text tokens ``embeds`` ``[B, 77 + L, D]`` and the
-    pooled CLIP embedding ``pooled`` ``[B, P]``."""
-
-    embeds: Tensor
-    pooled: Tensor
-
-    def __len__(self) -> int:
-        return int(self.embeds.shape[0])
-
-    def __getitem__(self, index: Any) -> SD3Conditions:
-        return SD3Conditions(self.embeds[index], self.pooled[index])
-
-    def to(self, device: Any) -> SD3Conditions:
-        return SD3Conditions(self.embeds.to(device), self.pooled.to(device))
-
-    def expand(self, batch: int) -> SD3Conditions:
-        """A batch of ``batch`` copies of a single condition."""
-        if len(self) != 1:
-            raise ValueError(f"expand() needs a single condition, this batch has {len(self)}")
-        return SD3Conditions(self.embeds.expand(batch, -1, -1), self.pooled.expand(batch, -1))
+#: SD3's prompt conditions: the joint text tokens ``[B, 77 + L, D]`` and the pooled CLIP embedding.
+SD3Conditions = PromptConditions
 
 
 def _positive_int(value: Any, name: str, hint: str) -> int:
@@ -71,7 +50,7 @@ def _positive_int(value: Any, name: str, hint: str) -> int:
     return value
 
 
-class StableDiffusion3(VAELatents, RectifiedFlow, DiffusionBackbone):
+class StableDiffusion3(VAELatents, PooledPrompts, RectifiedFlow, DiffusionBackbone):
     """A Stable Diffusion 3 / 3.5 pipeline's parts, loaded with diffusers/transformers ``from_pretrained``.
 
     Args:
@@ -157,9 +136,6 @@ class StableDiffusion3(VAELatents, RectifiedFlow, DiffusionBackbone):
         self.clip_length = int(self.tokenizer.model_max_length)  # 77, both CLIP encoders (as the pipeline)
         self.max_sequence_length = max_sequence_length
         self.text_batch = text_batch
-        self._class_prompts: tuple[str, ...] = ()
-        self._class_cond: SD3Conditions | None = None
-        self._null: SD3Conditions | None = None
 
     @property
     def uses_t5(self) -> bool:
@@ -212,34 +188,10 @@ class StableDiffusion3(VAELatents, RectifiedFlow, DiffusionBackbone):
             pooled.append(torch.cat([p1, p2], dim=-1))
         return SD3Conditions(torch.cat(embeds), torch.cat(pooled))
 
-    def set_classes(self, *, prompts: Sequence[str], label_ids: Sequence[int] | None = None) -> None:
-        if tuple(prompts) != self._class_prompts or self._class_cond is None:
-            self._class_prompts = tuple(prompts)
-            self._class_cond = self.encode_prompts(self._class_prompts)  # computed once, then cached
-
-    def class_conditions(self, classes: Tensor) -> SD3Conditions:
-        if self._class_cond is None:
-            raise RuntimeError("call set_classes(prompts=...) before class_conditions")
-        if self._class_cond.embeds.device != self.device:
-            self._class_cond = self._class_cond.to(self.device)
-        return self._class_cond[classes.to(self.device)]
-
-    def prompt_conditions(self, prompts: Sequence[str]) -> SD3Conditions:
-        return self.encode_prompts(prompts)
-
-    def null_conditions(self, batch: int) -> SD3Conditions:
-        """The empty prompt's conditions (the SD3 pipeline's negative prompt for guidance), ``batch`` times."""
-        if self._null is None or self._null.embeds.device != self.device:
-            self._null = self.encode_prompts([""])
-        return self._null.expand(batch)
-
-    def concat_conditions(self, conds: Sequence[SD3Conditions]) -> SD3Conditions:
-        return SD3Conditions(torch.cat([c.embeds for c in conds]), torch.cat([c.pooled for c in conds]))
-
     # -- the model -----------------------------------------------------------------------------
     def predict_output(self, x_t: Tensor, t: Tensor, cond: SD3Conditions) -> Tensor:
         """The float32 velocity prediction for ``x_t`` at model timesteps ``t`` (``1000 * s``)."""
-        if not isinstance(cond, SD3Conditions):
+        if not isinstance(cond, PromptConditions):
             raise TypeError(f"SD3 conditions are SD3Conditions (from class_conditions / prompt_conditions / "
                             f"null_conditions), got {type(cond).__name__}")
         out = self.transformer(hidden_states=x_t.to(self.device, self.model_dtype),
