@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from tiny_pipelines import clip_tokenizer
 from torch import nn
 
 from bigain.cli import main
@@ -26,23 +26,6 @@ SHIFT = 3.0
 T5_TOKENS = 16  # max_sequence_length of the tiny runs (the real default, 256, only costs time here)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _clip_tokenizer(path: Path) -> None:
-    """A character-level CLIP tokenizer (vocab.json and an empty merges.txt written here: nothing downloaded)."""
-    from transformers import CLIPTokenizer
-
-    vocab: dict[str, int] = {}
-    for c in "abcdefghijklmnopqrstuvwxyz0123456789.,()'- ":
-        vocab[c] = len(vocab)
-        vocab[c + "</w>"] = len(vocab)
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
-        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n")
-        CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"),
-                      model_max_length=20).save_pretrained(path)
 
 
 def save_tiny_sd3(path, seed: int = 0) -> str:
@@ -73,8 +56,8 @@ def save_tiny_sd3(path, seed: int = 0) -> str:
                 pad_token_id=87)).save_pretrained(root / sub)
         T5EncoderModel(T5Config(vocab_size=64, d_model=24, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
                                 relative_attention_num_buckets=8)).save_pretrained(root / "text_encoder_3")
-    _clip_tokenizer(root / "tokenizer")
-    _clip_tokenizer(root / "tokenizer_2")
+    clip_tokenizer(root / "tokenizer")
+    clip_tokenizer(root / "tokenizer_2")
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
     vocab += [(c, -3.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789.,()'-"]
     T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=256).save_pretrained(root / "tokenizer_3")

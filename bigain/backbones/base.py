@@ -170,7 +170,7 @@ class VAELatents:
 
     @torch.no_grad()
     def encode(self, images: Tensor) -> Tensor:
-        dist = self.vae.encode(images.to(self.device, self.model_dtype)).latent_dist
+        dist = self.vae.encode(images.to(self.device, self.vae.dtype)).latent_dist  # an upcast VAE: float32
         shift = self.vae_shift
         mean = dist.mean.float()
         return (mean if shift is None else mean - shift) * self.vae_scale
@@ -179,7 +179,7 @@ class VAELatents:
     def decode(self, x0: Tensor) -> Tensor:
         shift = self.vae_shift
         z = x0 / self.vae_scale
-        out = self.vae.decode((z if shift is None else z + shift).to(self.model_dtype)).sample
+        out = self.vae.decode((z if shift is None else z + shift).to(self.vae.dtype)).sample
         return out.float().clamp(-1, 1)
 
 

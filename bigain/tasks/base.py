@@ -4,6 +4,7 @@ attached to its denoiser, and the datamodule that describes the data."""
 from __future__ import annotations
 
 import inspect
+import warnings
 from typing import Any
 
 import lightning as L
@@ -55,7 +56,16 @@ class DiffusionTask(L.LightningModule):
         self.check_backbone(backbone)
         self.backbone = backbone
         selection = find_adapter(backbone).selection(max_downsample=hp.max_downsample, blocks=hp.blocks)
-        self.handle = apply(backbone, self.compressor, **selection, seed=hp.seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # an empty selection is an error here, below
+            self.handle = apply(backbone, self.compressor, **selection, seed=hp.seed)
+        if not self.handle.layers and hp.compressor != "none":
+            levels = sorted({site.level for site in self.handle.adapter.sites()})
+            raise ConfigError(
+                f"{hp.compressor} would compress no layer of this {type(backbone.denoiser).__name__}: "
+                f"{self.handle.skipped[0][1] if self.handle.skipped else 'it has no self-attention layer'}; "
+                f"its attention sits at levels {levels}. Select layers with model.max_downsample (a UNet; SDXL "
+                f"has no attention at level 1: use 2) or model.blocks (a transformer)")
         backbone.compile_denoiser(hp.get("compile", "none"))
 
     def prepare_predict(self, needs: str):
