@@ -29,7 +29,8 @@ from bigain.conformance import CHECKS, Check, CheckNotApplicable, Subject, check
 
 __all__ = ["check_compressor", "iter_checks", "parametrize_with_checks", "CHECKS", "Check", "CheckNotApplicable",
            "Subject", "check", "tiny_unet", "tiny_dit", "tiny_sd3", "tiny_flux", "save_tiny_stable_diffusion",
-           "save_tiny_dit", "TINY_UNET_CONFIG", "TINY_DIT_CONFIG", "TINY_SD3_CONFIG", "TINY_FLUX_CONFIG"]
+           "save_tiny_dit", "save_clip_tokenizer", "TINY_UNET_CONFIG", "TINY_DIT_CONFIG", "TINY_SD3_CONFIG",
+           "TINY_FLUX_CONFIG"]
 
 #: A two-level SD-style UNet with attention at both levels (~0.8 M parameters).
 TINY_UNET_CONFIG: dict[str, Any] = {
@@ -248,16 +249,36 @@ def check_compressor(
     return passed
 
 
-def save_tiny_stable_diffusion(path, seed: int = 0) -> str:
-    """Save a tiny Stable Diffusion pipeline folder (unet, vae, text_encoder, tokenizer, scheduler)
-    built from configs, loadable with ``bigain.backbones.StableDiffusion(path=...)``. 32x32 images
-    map to 16x16 latents."""
+def save_clip_tokenizer(path, *, max_length: int = 20) -> None:
+    """Save a character-level CLIP tokenizer (ids 0-85 for 43 characters with and without ``</w>``,
+    86 / 87 for the start / end tokens) to ``path``: built offline, no vocabulary downloaded."""
     import json
     import tempfile
     from pathlib import Path
 
+    from transformers import CLIPTokenizer
+
+    vocab: dict[str, int] = {}
+    for c in "abcdefghijklmnopqrstuvwxyz0123456789.,()'- ":
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
+        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n")
+        CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"),
+                      model_max_length=max_length).save_pretrained(path)
+
+
+def save_tiny_stable_diffusion(path, seed: int = 0) -> str:
+    """Save a tiny Stable Diffusion pipeline folder (unet, vae, text_encoder, tokenizer, scheduler)
+    built from configs, loadable with ``bigain.backbones.StableDiffusion(path=...)``. 32x32 images
+    map to 16x16 latents."""
+    from pathlib import Path
+
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     root = Path(path)
     with torch.random.fork_rng(devices=[]):
@@ -269,18 +290,7 @@ def save_tiny_stable_diffusion(path, seed: int = 0) -> str:
         CLIPTextModel(CLIPTextConfig(vocab_size=90, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                      num_attention_heads=2, max_position_embeddings=20, bos_token_id=86,
                                      eos_token_id=87, pad_token_id=87)).save_pretrained(root / "text_encoder")
-    chars = list("abcdefghijklmnopqrstuvwxyz0123456789.,()'- ")
-    vocab: dict[str, int] = {}
-    for c in chars:
-        vocab[c] = len(vocab)
-        vocab[c + "</w>"] = len(vocab)
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
-        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n")
-        tok = CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=20)
-        tok.save_pretrained(root / "tokenizer")
+    save_clip_tokenizer(root / "tokenizer")
     DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                   num_train_timesteps=1000).save_pretrained(root / "scheduler")
     return str(root)

@@ -4,12 +4,8 @@ flow-matching scheduler) and a schnell-like variant (no guidance embedding, a fi
 against closed forms and diffusers' own ``FluxPipeline``, and ``bigain classify`` / ``bigain generate``
 end to end: compressed, resumable after a kill."""
 
-import json
 import math
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from tiny_pipelines import clip_tokenizer
+from tiny_pipelines import clip_tokenizer, meta, pixels, records, run_cli
 from torch import nn
 
 from bigain.cli import main
@@ -344,26 +340,6 @@ def generate_args(ckpts, run_dir, *extra, length=3):
             "--model.steps", "2", "--model.metrics", "[]", "--data", "toy", "--data.length", str(length),
             "--data.batch_size", "1", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
             "--run_dir", str(run_dir), *extra]
-
-
-def records(run_dir):
-    df = pd.read_parquet(f"{run_dir}/records.parquet")
-    return df.drop(columns=["seconds", "denoiser_seconds"], errors="ignore").sort_values("index").reset_index(drop=True)
-
-
-def pixels(run_dir):
-    from bigain.metrics import load_png
-
-    return {p.name: np.asarray(load_png(p)) for p in sorted((Path(run_dir) / "images").glob("*.png"))}
-
-
-def meta(run_dir):
-    return json.loads((Path(run_dir) / "run.json").read_text())
-
-
-def run_cli(args, env=None):
-    env = dict(env or os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "bigain.cli", *args], capture_output=True, text=True, env=env)
 
 
 def test_classify_end_to_end_compressed_and_resumed_after_a_kill(ckpts, tmp_path, kill_after):

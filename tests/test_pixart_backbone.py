@@ -4,10 +4,6 @@ end to end: compressed, resumable after a kill. (Two gloo processes take ~26 s h
 the shared task code's tests in test_classification.py / test_generation.py: the backbone adds no
 collective and no rank-dependent state.)"""
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +11,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from tiny_pipelines import meta, pixels, records, run_cli
 from torch import nn
 
 from bigain.backbones.base import to_epsilon, to_sample
@@ -160,26 +157,6 @@ def generate_args(ckpts, run_dir, *extra, length=3):
             "--model.steps", "2", "--model.metrics", "[]", "--data", "toy", "--data.length", str(length),
             "--data.batch_size", "1", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
             "--run_dir", str(run_dir), *extra]
-
-
-def records(run_dir):
-    df = pd.read_parquet(f"{run_dir}/records.parquet")
-    return df.drop(columns=["seconds", "denoiser_seconds"], errors="ignore").sort_values("index").reset_index(drop=True)
-
-
-def pixels(run_dir):
-    from bigain.metrics import load_png
-
-    return {p.name: np.asarray(load_png(p)) for p in sorted((Path(run_dir) / "images").glob("*.png"))}
-
-
-def meta(run_dir):
-    return json.loads((Path(run_dir) / "run.json").read_text())
-
-
-def run_cli(args, env=None):
-    env = dict(env or os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "bigain.cli", *args], capture_output=True, text=True, env=env)
 
 
 def test_classify_end_to_end_with_none_and_tome(ckpts, tmp_path):

@@ -1,22 +1,37 @@
-"""Parts of tiny pipelines that several backbone tests build offline."""
+"""What several backbone tests share: an offline CLIP tokenizer and readers of a finished run folder."""
 
 import json
-import tempfile
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 
-def clip_tokenizer(path: Path, *, max_length: int = 20) -> None:
-    """A character-level CLIP tokenizer (vocab.json and an empty merges.txt written here: nothing downloaded)."""
-    from transformers import CLIPTokenizer
+from bigain.testing import save_clip_tokenizer as clip_tokenizer
 
-    vocab: dict[str, int] = {}
-    for c in "abcdefghijklmnopqrstuvwxyz0123456789.,()'- ":
-        vocab[c] = len(vocab)
-        vocab[c + "</w>"] = len(vocab)
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
-        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n")
-        CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"),
-                      model_max_length=max_length).save_pretrained(path)
+__all__ = ["clip_tokenizer", "records", "pixels", "meta", "run_cli"]
+
+
+def records(run_dir):
+    """The run's records in index order, without the timing columns (which differ between runs)."""
+    df = pd.read_parquet(f"{run_dir}/records.parquet")
+    return df.drop(columns=["seconds", "denoiser_seconds"], errors="ignore").sort_values("index").reset_index(drop=True)
+
+
+def pixels(run_dir):
+    """``{file name: uint8 [3, H, W]}`` of the run's saved images."""
+    from bigain.metrics import load_png
+
+    return {p.name: np.asarray(load_png(p)) for p in sorted((Path(run_dir) / "images").glob("*.png"))}
+
+
+def meta(run_dir):
+    return json.loads((Path(run_dir) / "run.json").read_text())
+
+
+def run_cli(args, env=None):
+    """``bigain ARGS`` in a subprocess (one thread)."""
+    env = dict(env or os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "bigain.cli", *args], capture_output=True, text=True, env=env)

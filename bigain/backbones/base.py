@@ -36,7 +36,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -44,9 +44,9 @@ from torch import Tensor, nn
 
 from bigain.errors import ConfigError
 
-__all__ = ["DiffusionBackbone", "VAELatents", "ClassLabels", "PromptConditions", "PooledPrompts", "RectifiedFlow",
-           "DTYPES", "COMPILE_MODES", "CompileMode", "resolve_dtype", "PREDICTION_TYPES", "FLOW_PREDICTION",
-           "check_prediction_type", "to_epsilon", "to_sample", "to_target", "ddpm_noise"]
+__all__ = ["DiffusionBackbone", "VAELatents", "ClassLabels", "TextConditions", "PooledConditions", "CachedPrompts",
+           "RectifiedFlow", "DTYPES", "COMPILE_MODES", "CompileMode", "resolve_dtype", "PREDICTION_TYPES",
+           "FLOW_PREDICTION", "check_prediction_type", "to_epsilon", "to_sample", "to_target", "ddpm_noise"]
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 #: How a task runs its denoiser: eagerly (``none``) or through ``torch.compile`` in one of its modes.
@@ -228,42 +228,54 @@ class ClassLabels:
         return torch.full((batch,), self.null_class, dtype=torch.long, device=self.device)
 
 
+class TextConditions:
+    """A batch of text conditions: a frozen dataclass of tensors, batch first (the text tokens
+    ``embeds`` first). Indexing, ``to``, ``expand`` and :meth:`cat` act on every field."""
+
+    def _map(self, fn: Any) -> Any:
+        return type(self)(*[fn(getattr(self, f.name)) for f in fields(self)])
+
+    def __len__(self) -> int:
+        return int(getattr(self, fields(self)[0].name).shape[0])
+
+    def __getitem__(self, index: Any) -> Any:
+        return self._map(lambda t: t[index])
+
+    def to(self, device: Any) -> Any:
+        return self._map(lambda t: t.to(device))
+
+    def expand(self, batch: int) -> Any:
+        """A batch of ``batch`` copies of a single condition."""
+        if len(self) != 1:
+            raise ValueError(f"expand() needs a single condition, this batch has {len(self)}")
+        return self._map(lambda t: t.expand(batch, *t.shape[1:]))
+
+    @classmethod
+    def cat(cls, conds: Sequence[Any]) -> Any:
+        """One batch of several, field by field."""
+        return cls(*[torch.cat([getattr(c, f.name) for c in conds]) for f in fields(cls)])
+
+
 @dataclass(frozen=True)
-class PromptConditions:
-    """A batch of prompt conditions of a model that reads text tokens and a pooled text embedding
-    (SDXL, SD3, Flux): the text tokens ``embeds`` ``[B, L, D]`` and the pooled embedding ``pooled``
-    ``[B, P]``."""
+class PooledConditions(TextConditions):
+    """Prompt conditions of a model that reads text tokens and a pooled text embedding (SDXL, SD3,
+    Flux): the text tokens ``embeds`` ``[B, L, D]`` and the pooled embedding ``pooled`` ``[B, P]``."""
 
     embeds: Tensor
     pooled: Tensor
 
-    def __len__(self) -> int:
-        return int(self.embeds.shape[0])
 
-    def __getitem__(self, index: Any) -> PromptConditions:
-        return PromptConditions(self.embeds[index], self.pooled[index])
-
-    def to(self, device: Any) -> PromptConditions:
-        return PromptConditions(self.embeds.to(device), self.pooled.to(device))
-
-    def expand(self, batch: int) -> PromptConditions:
-        """A batch of ``batch`` copies of a single condition."""
-        if len(self) != 1:
-            raise ValueError(f"expand() needs a single condition, this batch has {len(self)}")
-        return PromptConditions(self.embeds.expand(batch, -1, -1), self.pooled.expand(batch, -1))
-
-
-class PooledPrompts:
-    """Class and prompt conditions as :class:`PromptConditions`, from the backbone's
-    ``encode_prompts(prompts) -> PromptConditions``: the class prompts are encoded once and cached,
+class CachedPrompts:
+    """Class and prompt conditions of a text-conditioned backbone, from its
+    ``encode_prompts(prompts) -> TextConditions``: the class prompts are encoded once and cached,
     guidance's null condition is the empty prompt. Mix in before :class:`DiffusionBackbone`."""
 
     device: torch.device
     _class_prompts: tuple[str, ...] = ()
-    _class_cond: PromptConditions | None = None
-    _null: PromptConditions | None = None
+    _class_cond: TextConditions | None = None
+    _null: TextConditions | None = None
 
-    def encode_prompts(self, prompts: Sequence[str]) -> PromptConditions:
+    def encode_prompts(self, prompts: Sequence[str]) -> TextConditions:
         raise NotImplementedError
 
     def set_classes(self, *, prompts: Sequence[str], label_ids: Sequence[int] | None = None) -> None:
@@ -271,24 +283,24 @@ class PooledPrompts:
             self._class_prompts = tuple(prompts)
             self._class_cond = self.encode_prompts(self._class_prompts)  # computed once, then cached
 
-    def class_conditions(self, classes: Tensor) -> PromptConditions:
+    def class_conditions(self, classes: Tensor) -> TextConditions:
         if self._class_cond is None:
             raise RuntimeError("call set_classes(prompts=...) before class_conditions")
         if self._class_cond.embeds.device != self.device:
             self._class_cond = self._class_cond.to(self.device)
         return self._class_cond[classes.to(self.device)]
 
-    def prompt_conditions(self, prompts: Sequence[str]) -> PromptConditions:
+    def prompt_conditions(self, prompts: Sequence[str]) -> TextConditions:
         return self.encode_prompts(prompts)
 
-    def null_conditions(self, batch: int) -> PromptConditions:
+    def null_conditions(self, batch: int) -> TextConditions:
         """The empty prompt's conditions (the pipelines' negative prompt for guidance), ``batch`` times."""
         if self._null is None or self._null.embeds.device != self.device:
             self._null = self.encode_prompts([""])
         return self._null.expand(batch)
 
-    def concat_conditions(self, conds: Sequence[PromptConditions]) -> PromptConditions:
-        return PromptConditions(torch.cat([c.embeds for c in conds]), torch.cat([c.pooled for c in conds]))
+    def concat_conditions(self, conds: Sequence[TextConditions]) -> TextConditions:
+        return type(conds[0]).cat(conds)
 
 
 class DiffusionBackbone(nn.Module, ABC):

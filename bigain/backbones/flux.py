@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from bigain.backbones.base import DiffusionBackbone, PooledPrompts, PromptConditions, RectifiedFlow, VAELatents
+from bigain.backbones.base import CachedPrompts, DiffusionBackbone, PooledConditions, RectifiedFlow, VAELatents
 from bigain.backbones.loading import is_local, load_component, require_subfolders
 from bigain.errors import CheckpointError, ConfigError
 
@@ -51,7 +51,7 @@ _PARTS = ["transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "
 
 
 #: Flux's prompt conditions: the T5 tokens ``[B, L, D]`` and the pooled CLIP embedding.
-FluxConditions = PromptConditions
+FluxConditions = PooledConditions
 
 
 def _check_grid(h: int, w: int) -> None:
@@ -96,7 +96,7 @@ def _positive_int(value: Any, name: str, hint: str) -> int:
     return value
 
 
-class Flux(VAELatents, PooledPrompts, RectifiedFlow, DiffusionBackbone):
+class Flux(VAELatents, CachedPrompts, RectifiedFlow, DiffusionBackbone):
     """A FLUX.1 pipeline's parts, loaded with diffusers/transformers ``from_pretrained``.
 
     Args:
@@ -233,7 +233,7 @@ class Flux(VAELatents, PooledPrompts, RectifiedFlow, DiffusionBackbone):
 
     def predict_output(self, x_t: Tensor, t: Tensor, cond: FluxConditions) -> Tensor:
         """The float32 velocity ``[B, C, h, w]`` for latents ``x_t`` at model timesteps ``t`` (``1000 * s``)."""
-        if not isinstance(cond, PromptConditions):
+        if not isinstance(cond, PooledConditions):
             raise TypeError(f"Flux conditions are FluxConditions (from class_conditions / prompt_conditions / "
                             f"null_conditions), got {type(cond).__name__}")
         b, _, h, w = x_t.shape

@@ -27,7 +27,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from bigain.backbones.base import DiffusionBackbone, VAELatents
+from bigain.backbones.base import CachedPrompts, DiffusionBackbone, TextConditions, VAELatents
 from bigain.backbones.loading import is_local, load_component, require_subfolders
 from bigain.errors import CheckpointError, ConfigError
 
@@ -37,29 +37,14 @@ _PARTS = ["transformer", "vae", "text_encoder", "tokenizer", "scheduler"]
 
 
 @dataclass(frozen=True)
-class PromptConditions:
+class PromptConditions(TextConditions):
     """T5 caption embeddings ``[B, L, D]`` and their attention mask ``[B, L]`` (1 = a real token)."""
 
     embeds: Tensor
     mask: Tensor
 
-    def __len__(self) -> int:
-        return int(self.embeds.shape[0])
 
-    def __getitem__(self, index: Any) -> PromptConditions:
-        return PromptConditions(self.embeds[index], self.mask[index])
-
-    def to(self, device: Any) -> PromptConditions:
-        return PromptConditions(self.embeds.to(device), self.mask.to(device))
-
-    def expand(self, batch: int) -> PromptConditions:
-        """A batch of ``batch`` copies of a single condition."""
-        if len(self) != 1:
-            raise ValueError(f"expand() needs a single condition, this batch has {len(self)}")
-        return PromptConditions(self.embeds.expand(batch, -1, -1), self.mask.expand(batch, -1))
-
-
-class PixArt(VAELatents, DiffusionBackbone):
+class PixArt(VAELatents, CachedPrompts, DiffusionBackbone):
     """A PixArt-alpha / PixArt-Sigma pipeline's parts, loaded with diffusers/transformers ``from_pretrained``.
 
     Args:
@@ -118,9 +103,6 @@ class PixArt(VAELatents, DiffusionBackbone):
         self.patch_size = int(cfg.patch_size)
         self.max_sequence_length = max_sequence_length
         self.text_batch = text_batch
-        self._class_prompts: tuple[str, ...] = ()
-        self._class_cond: PromptConditions | None = None
-        self._null: PromptConditions | None = None
 
     def latent_shape(self, image_size: int) -> tuple[int, int, int]:
         step = self.latent_factor * self.patch_size
@@ -143,30 +125,6 @@ class PixArt(VAELatents, DiffusionBackbone):
             embeds.append(self.text_encoder(tokens.input_ids.to(self.device), attention_mask=mask)[0])
             masks.append(mask)
         return PromptConditions(torch.cat(embeds), torch.cat(masks))
-
-    def set_classes(self, *, prompts: Sequence[str], label_ids: Sequence[int] | None = None) -> None:
-        if tuple(prompts) != self._class_prompts or self._class_cond is None:
-            self._class_prompts = tuple(prompts)
-            self._class_cond = self.encode_prompts(self._class_prompts)  # computed once, then cached
-
-    def class_conditions(self, classes: Tensor) -> PromptConditions:
-        if self._class_cond is None:
-            raise RuntimeError("call set_classes(prompts=...) before class_conditions")
-        if self._class_cond.embeds.device != self.device:
-            self._class_cond = self._class_cond.to(self.device)
-        return self._class_cond[classes.to(self.device)]
-
-    def prompt_conditions(self, prompts: Sequence[str]) -> PromptConditions:
-        return self.encode_prompts(prompts)
-
-    def null_conditions(self, batch: int) -> PromptConditions:
-        """The empty prompt's embedding (PixArt's negative prompt for guidance), ``batch`` times."""
-        if self._null is None or self._null.embeds.device != self.device:
-            self._null = self.encode_prompts([""])
-        return self._null.expand(batch)
-
-    def concat_conditions(self, conds: Sequence[PromptConditions]) -> PromptConditions:
-        return PromptConditions(torch.cat([c.embeds for c in conds]), torch.cat([c.mask for c in conds]))
 
     def added_conditions(self, x_t: Tensor) -> dict[str, Tensor | None]:
         """``added_cond_kwargs`` for a batch of latents: resolution ``[B, 2]`` (height, width in pixels)

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bigain.backbones.base import DiffusionBackbone, PooledPrompts, PromptConditions, RectifiedFlow, VAELatents
+from bigain.backbones.base import CachedPrompts, DiffusionBackbone, PooledConditions, RectifiedFlow, VAELatents
 from bigain.backbones.loading import is_local, load_component, require_subfolders
 from bigain.errors import CheckpointError, ConfigError
 
@@ -41,7 +41,7 @@ _PARTS = ["transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "
 
 
 #: SD3's prompt conditions: the joint text tokens ``[B, 77 + L, D]`` and the pooled CLIP embedding.
-SD3Conditions = PromptConditions
+SD3Conditions = PooledConditions
 
 
 def _positive_int(value: Any, name: str, hint: str) -> int:
@@ -50,7 +50,7 @@ def _positive_int(value: Any, name: str, hint: str) -> int:
     return value
 
 
-class StableDiffusion3(VAELatents, PooledPrompts, RectifiedFlow, DiffusionBackbone):
+class StableDiffusion3(VAELatents, CachedPrompts, RectifiedFlow, DiffusionBackbone):
     """A Stable Diffusion 3 / 3.5 pipeline's parts, loaded with diffusers/transformers ``from_pretrained``.
 
     Args:
@@ -191,7 +191,7 @@ class StableDiffusion3(VAELatents, PooledPrompts, RectifiedFlow, DiffusionBackbo
     # -- the model -----------------------------------------------------------------------------
     def predict_output(self, x_t: Tensor, t: Tensor, cond: SD3Conditions) -> Tensor:
         """The float32 velocity prediction for ``x_t`` at model timesteps ``t`` (``1000 * s``)."""
-        if not isinstance(cond, PromptConditions):
+        if not isinstance(cond, PooledConditions):
             raise TypeError(f"SD3 conditions are SD3Conditions (from class_conditions / prompt_conditions / "
                             f"null_conditions), got {type(cond).__name__}")
         out = self.transformer(hidden_states=x_t.to(self.device, self.model_dtype),

@@ -27,7 +27,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from bigain.backbones.base import DiffusionBackbone, PooledPrompts, PromptConditions, VAELatents
+from bigain.backbones.base import CachedPrompts, DiffusionBackbone, PooledConditions, VAELatents
 from bigain.backbones.loading import is_local, load_component, require_subfolders
 from bigain.errors import CheckpointError, ConfigError
 
@@ -36,7 +36,7 @@ __all__ = ["StableDiffusionXL"]
 _PARTS = ["unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"]
 
 
-class StableDiffusionXL(VAELatents, PooledPrompts, DiffusionBackbone):
+class StableDiffusionXL(VAELatents, CachedPrompts, DiffusionBackbone):
     """A Stable Diffusion XL pipeline's parts, loaded with diffusers/transformers ``from_pretrained``.
 
     Args:
@@ -113,7 +113,7 @@ class StableDiffusionXL(VAELatents, PooledPrompts, DiffusionBackbone):
 
     # -- prompts -------------------------------------------------------------------------------
     @torch.no_grad()
-    def encode_prompts(self, prompts: Sequence[str]) -> PromptConditions:
+    def encode_prompts(self, prompts: Sequence[str]) -> PooledConditions:
         """Text tokens ``[K, 77, D1 + D2]`` (both encoders' penultimate hidden states) and the
         second encoder's pooled projection ``[K, P]`` of ``prompts``."""
         embeds, pooled = [], []
@@ -127,15 +127,15 @@ class StableDiffusionXL(VAELatents, PooledPrompts, DiffusionBackbone):
                 states.append(out.hidden_states[-2])
             embeds.append(torch.cat(states, dim=-1))
             pooled.append(out.text_embeds)
-        return PromptConditions(torch.cat(embeds), torch.cat(pooled))
+        return PooledConditions(torch.cat(embeds), torch.cat(pooled))
 
-    def null_conditions(self, batch: int) -> PromptConditions:
+    def null_conditions(self, batch: int) -> PooledConditions:
         """Zeros shaped like a prompt's conditions (``zeros_for_empty_prompt``) or the encoded empty prompt."""
         if not self.zeros_for_empty_prompt:
             return super().null_conditions(batch)
         if self._null is None or self._null.embeds.device != self.device:
             empty = self.encode_prompts([""])
-            self._null = PromptConditions(torch.zeros_like(empty.embeds), torch.zeros_like(empty.pooled))
+            self._null = PooledConditions(torch.zeros_like(empty.embeds), torch.zeros_like(empty.pooled))
         return self._null.expand(batch)
 
     # -- the model -----------------------------------------------------------------------------
@@ -144,9 +144,9 @@ class StableDiffusionXL(VAELatents, PooledPrompts, DiffusionBackbone):
         row = torch.tensor([height, width, 0, 0, height, width], dtype=self.model_dtype, device=self.device)
         return row.expand(batch, -1)
 
-    def predict_output(self, x_t: Tensor, t: Tensor, cond: PromptConditions) -> Tensor:
-        if not isinstance(cond, PromptConditions):
-            raise TypeError(f"SDXL conditions are PromptConditions (from class_conditions / prompt_conditions / "
+    def predict_output(self, x_t: Tensor, t: Tensor, cond: PooledConditions) -> Tensor:
+        if not isinstance(cond, PooledConditions):
+            raise TypeError(f"SDXL conditions are PooledConditions (from class_conditions / prompt_conditions / "
                             f"null_conditions), got {type(cond).__name__}")
         b, _, h, w = x_t.shape
         added = {"text_embeds": cond.pooled.to(self.device, self.model_dtype),
