@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from tiny_pipelines import clip_tokenizer, meta, pixels, records, run_cli
+from tiny_pipelines import clip_tokenizer, kill_and_resume, meta, pixels, records
 from torch import nn
 
 from bigain.cli import main
@@ -343,14 +343,8 @@ def generate_args(ckpts, run_dir, *extra, length=3):
 
 
 def test_classify_end_to_end_compressed_and_resumed_after_a_kill(ckpts, tmp_path, kill_after):
-    kill, env = kill_after(batches=2)
-    run = tmp_path / "run"
-    killed = run_cli(classify_args(ckpts, run, "--model.compressor", "tome", "--config", kill, length=4), env=env)
-    assert killed.returncode == 3, killed.stderr[-3000:]
-    shard = run / "shards" / "records-rank0.jsonl"
-    assert 0 < sum(1 for _ in open(shard)) < 4 and not (run / "records.parquet").exists()
-    assert main(classify_args(ckpts, run, "--model.compressor", "tome", length=4)) == 0
-    assert sum(1 for _ in open(shard)) == 4  # nothing redone
+    run = kill_and_resume(lambda run_dir, *extra: classify_args(ckpts, run_dir, "--model.compressor", "tome",
+                                                                *extra, length=4), tmp_path, kill_after, total=4)
     errors = {}
     for comp in ("tome", "bigain_td"):
         clean = tmp_path / comp
@@ -370,14 +364,8 @@ def test_classify_end_to_end_compressed_and_resumed_after_a_kill(ckpts, tmp_path
 def test_generate_end_to_end_compressed_and_resumed_after_a_kill(ckpts, tmp_path, kill_after, capsys):
     from bigain.toy.data import toy_prompts
 
-    kill, env = kill_after(batches=2)
-    run = tmp_path / "run"
-    killed = run_cli(generate_args(ckpts, run, "--model.compressor", "bigain_td", "--config", kill), env=env)
-    assert killed.returncode == 3, killed.stderr[-3000:]
-    shard = run / "shards" / "records-rank0.jsonl"
-    assert 0 < sum(1 for _ in open(shard)) < 3
-    assert main(generate_args(ckpts, run, "--model.compressor", "bigain_td")) == 0
-    assert sum(1 for _ in open(shard)) == 3
+    run = kill_and_resume(lambda run_dir, *extra: generate_args(ckpts, run_dir, "--model.compressor", "bigain_td",
+                                                                 *extra), tmp_path, kill_after, total=3)
     runs = {}
     for comp in ("none", "bigain_td"):
         clean = tmp_path / comp

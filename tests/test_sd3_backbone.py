@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from tiny_pipelines import clip_tokenizer, meta, pixels, records, run_cli
+from tiny_pipelines import assert_same_images, clip_tokenizer, kill_and_resume, meta, pixels, records
 from torch import nn
 
 from bigain.cli import main
@@ -333,32 +333,21 @@ def test_generate_end_to_end_with_none_and_todo(ckpts, tmp_path):
 
 
 def test_a_killed_classify_run_resumes_to_the_uninterrupted_result(ckpts, tmp_path, kill_after):
-    kill, env = kill_after(batches=2)
-    run = tmp_path / "run"
-    killed = run_cli(classify_args(ckpts, run, "--model.compressor", "tome", "--config", kill, length=4), env=env)
-    assert killed.returncode == 3, killed.stderr[-3000:]
-    shard = run / "shards" / "records-rank0.jsonl"
-    done = sum(1 for _ in open(shard))
-    assert 0 < done < 4 and not (run / "records.parquet").exists()
-    assert main(classify_args(ckpts, run, "--model.compressor", "tome", length=4)) == 0
-    assert sum(1 for _ in open(shard)) == 4  # nothing redone
-    assert main(classify_args(ckpts, tmp_path / "clean", "--model.compressor", "tome", length=4)) == 0
+    def args(run_dir, *extra):
+        return classify_args(ckpts, run_dir, "--model.compressor", "tome", *extra, length=4)
+
+    run = kill_and_resume(args, tmp_path, kill_after, total=4)
+    assert main(args(tmp_path / "clean")) == 0
     pd.testing.assert_frame_equal(records(run), records(tmp_path / "clean"))
 
 
 def test_a_killed_generate_run_resumes_to_the_uninterrupted_images(ckpts, tmp_path, kill_after):
-    kill, env = kill_after(batches=2)
-    run = tmp_path / "run"
-    killed = run_cli(generate_args(ckpts, run, "--model.compressor", "todo", "--config", kill), env=env)
-    assert killed.returncode == 3, killed.stderr[-3000:]
-    shard = run / "shards" / "records-rank0.jsonl"
-    assert 0 < sum(1 for _ in open(shard)) < 3
-    assert main(generate_args(ckpts, run, "--model.compressor", "todo")) == 0
-    assert sum(1 for _ in open(shard)) == 3
-    assert main(generate_args(ckpts, tmp_path / "clean", "--model.compressor", "todo")) == 0
-    clean, resumed = pixels(tmp_path / "clean"), pixels(run)
-    assert sorted(clean) == sorted(resumed) == [f"{i:06d}.png" for i in range(3)]
-    assert all(np.array_equal(clean[k], resumed[k]) for k in clean)
+    def args(run_dir, *extra):
+        return generate_args(ckpts, run_dir, "--model.compressor", "todo", *extra)
+
+    run = kill_and_resume(args, tmp_path, kill_after, total=3)
+    assert main(args(tmp_path / "clean")) == 0
+    assert_same_images(run, tmp_path / "clean", 3)
     pd.testing.assert_frame_equal(records(run), records(tmp_path / "clean"))
 
 

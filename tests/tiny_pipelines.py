@@ -35,3 +35,27 @@ def run_cli(args, env=None):
     """``bigain ARGS`` in a subprocess (one thread)."""
     env = dict(env or os.environ, OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-m", "bigain.cli", *args], capture_output=True, text=True, env=env)
+
+
+def kill_and_resume(args, tmp_path, kill_after, *, total: int):
+    """Run ``bigain ARGS`` (``args(run_dir, *extra)``) killed after two batches, check it stopped
+    part way with no records.parquet, run it again and check it finished the ``total`` records
+    without redoing one; returns the run folder."""
+    from bigain.cli import main
+
+    kill, env = kill_after(batches=2)
+    run = tmp_path / "run"
+    killed = run_cli(args(run, "--config", kill), env=env)
+    assert killed.returncode == 3, killed.stderr[-3000:]
+    shard = run / "shards" / "records-rank0.jsonl"
+    assert 0 < sum(1 for _ in open(shard)) < total and not (run / "records.parquet").exists()
+    assert main(args(run)) == 0
+    assert sum(1 for _ in open(shard)) == total  # nothing redone
+    return run
+
+
+def assert_same_images(a, b, count: int) -> None:
+    """The two runs saved the same ``count`` images, pixel for pixel."""
+    first, second = pixels(a), pixels(b)
+    assert sorted(first) == sorted(second) == [f"{i:06d}.png" for i in range(count)]
+    assert all(np.array_equal(first[k], second[k]) for k in first)
