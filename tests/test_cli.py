@@ -217,3 +217,33 @@ def test_the_model_cards_reproduce_command_is_in_todays_spelling():
     assert f"\n{command}\n" in (ASSETS / "MODEL_CARD.md").read_text()
     cfg = parse(toy.build_parser(), command.split()[2:])
     assert cfg.action == "train" and cfg.train.out == "runs/toy-train"
+
+
+TASK_CONFIGS = [p for p in CONFIGS if p.name.startswith(("classify-", "generate-"))]
+
+
+@pytest.mark.parametrize("path", TASK_CONFIGS, ids=lambda p: p.name)
+def test_shipped_task_configs_name_real_backbone_task_and_data_options(path):
+    """Every option a shipped config sets exists: the backbone's keyword options, the task's
+    constructor (nothing is loaded), the datamodule's init_args."""
+    import importlib
+    import inspect
+
+    from bigain.backbones import BACKBONES
+    from bigain.datamodules.registry import datamodule_class_path
+    from bigain.errors import ConfigError
+    from bigain.tasks import DiffusionClassifier, DiffusionGenerator
+
+    cfg = yaml.safe_load(path.read_text())
+    model = cfg["model"]
+    accepted = {p.name for p in inspect.signature(BACKBONES.get(model.get("backbone", "toy")).__init__).parameters
+                .values() if p.kind is p.KEYWORD_ONLY}
+    assert set(model.get("backbone_options") or {}) <= accepted, (path.name, accepted)
+    try:
+        (DiffusionClassifier if path.name.startswith("classify-") else DiffusionGenerator)(**model)
+    except ConfigError as exc:  # a machine-specific local file (offline weights) is not here: the option is real
+        assert "does not exist" in str(exc), exc
+    data = cfg.get("data")
+    if isinstance(data, dict) and "class_path" in data:
+        module_name, cls = datamodule_class_path(data["class_path"]).rsplit(".", 1)
+        getattr(importlib.import_module(module_name), cls)(**(data.get("init_args") or {}))

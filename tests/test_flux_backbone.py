@@ -12,7 +12,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import yaml
 from tiny_pipelines import clip_tokenizer, kill_and_resume, meta, pixels, records
 from torch import nn
 
@@ -390,35 +389,7 @@ def test_generate_end_to_end_compressed_and_resumed_after_a_kill(ckpts, tmp_path
     assert not list((tmp_path / "cfg").glob("images/*.png"))
 
 
-# -- example configs and docs ------------------------------------------------------------------
-
-CONFIGS = ["classify-flux-pets.yaml", "generate-flux-coco.yaml"]
-
-
-@pytest.mark.parametrize("name", CONFIGS)
-def test_example_configs_parse_and_their_options_are_valid(name, capsys):
-    import inspect
-
-    from bigain.backbones import BACKBONES
-    from bigain.tasks import DiffusionClassifier, DiffusionGenerator
-
-    path = ROOT / "configs" / name
-    task = name.split("-")[0]
-    cfg = yaml.safe_load(path.read_text())
-    with pytest.raises(SystemExit) as exit_info:
-        main([task, "--config", str(path), "--print_config"])
-    assert exit_info.value.code in (0, None)
-    printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["model"]["backbone"] == "flux"
-    options = cfg["model"]["backbone_options"]
-    assert printed["model"]["backbone_options"] == options and options["path"].startswith("black-forest-labs/FLUX.1")
-    accepted = {p.name for p in inspect.signature(BACKBONES.get("flux").__init__).parameters.values()
-                if p.kind is p.KEYWORD_ONLY}
-    assert set(options) <= accepted
-    module = (DiffusionClassifier if task == "classify" else DiffusionGenerator)(**cfg["model"])  # nothing loaded
-    if task == "generate":
-        assert module.guidance == 1.0
-
+# -- under torch.compile ---------------------------------------------------------------------
 
 def test_the_tasks_declare_the_packed_token_grid_so_a_compiled_denoiser_still_compresses(ckpts, monkeypatch):
     from bigain.tasks.classification import DiffusionClassifier

@@ -10,7 +10,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import yaml
 from tiny_pipelines import assert_same_images, clip_tokenizer, kill_and_resume, meta, pixels, records
 from torch import nn
 
@@ -351,59 +350,7 @@ def test_a_killed_generate_run_resumes_to_the_uninterrupted_images(ckpts, tmp_pa
     pd.testing.assert_frame_equal(records(run), records(tmp_path / "clean"))
 
 
-# -- example configs and docs ------------------------------------------------------------------
-
-CONFIGS = ["classify-sd3-pets.yaml", "generate-sd3-coco.yaml"]
-
-
-@pytest.mark.parametrize("name", CONFIGS)
-def test_example_configs_parse_and_their_options_are_valid(name, capsys):
-    import importlib
-    import inspect
-
-    from bigain.backbones import BACKBONES
-    from bigain.datamodules.registry import datamodule_class_path
-    from bigain.errors import UnknownNameError
-    from bigain.tasks import DiffusionClassifier, DiffusionGenerator
-
-    path = ROOT / "configs" / name
-    task = name.split("-")[0]
-    cfg = yaml.safe_load(path.read_text())
-    with pytest.raises(SystemExit) as exit_info:
-        main([task, "--config", str(path), "--print_config"])
-    assert exit_info.value.code in (0, None)
-    printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["model"]["backbone"] == "sd3"
-    assert printed["model"]["backbone_options"] == cfg["model"]["backbone_options"]
-    options = cfg["model"]["backbone_options"]
-    assert options["path"].startswith("stabilityai/stable-diffusion-3")
-    accepted = {p.name for p in inspect.signature(BACKBONES.get("sd3").__init__).parameters.values()
-                if p.kind is p.KEYWORD_ONLY}
-    assert set(options) <= accepted
-    (DiffusionClassifier if task == "classify" else DiffusionGenerator)(**cfg["model"])  # nothing loaded
-    try:
-        class_path = datamodule_class_path(cfg["data"]["class_path"])
-    except UnknownNameError:
-        pytest.skip(f"datamodule {cfg['data']['class_path']!r} is not registered here")
-    module_name, cls = class_path.rsplit(".", 1)
-    getattr(importlib.import_module(module_name), cls)(**cfg["data"]["init_args"])
-
-
-def test_the_config_reference_lists_the_sd3_options():
-    import ast
-    import inspect
-    import re
-
-    from bigain.backbones import BACKBONES
-
-    text = (ROOT / "docs" / "reference" / "config.md").read_text()
-    section = text.split("#### `sd3`\n", 1)[1].split("\n#", 1)[0]
-    shown = dict(re.findall(r"^\|\s*`(\w+)`\s*\|\s*`([^`]*)`\s*\|", section, re.M))
-    expected = {p.name: p.default for p in inspect.signature(BACKBONES.get("sd3").__init__).parameters.values()
-                if p.kind is p.KEYWORD_ONLY}
-    assert list(shown) == list(expected)
-    assert all(ast.literal_eval(v) == expected[k] for k, v in shown.items())
-
+# -- bigain visualize ------------------------------------------------------------------------
 
 def test_the_visualize_probe_noises_by_the_flow_and_feeds_the_model_its_own_timestep(ckpts):
     from bigain.analysis.probe import probe_backbone
