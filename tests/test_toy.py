@@ -218,3 +218,21 @@ def test_findings_are_said_per_backbone_when_there_are_several():
     assert any(line.startswith("Toy UNet: Classification at merge ratio 0.7") and "does not beat" in line
                for line in lines)
     assert findings(summary[summary["backbone"] == "toy"])[0].startswith("Classification")  # one model: unprefixed
+
+
+def test_the_toy_unets_weight_average_leaves_out_its_starting_weights(tmp_path):
+    """After one step the bias-corrected average is the trained weights themselves: (d * w0 + (1 - d) * w1 -
+    d * w0) / (1 - d) = w1, which an average of decay 0 keeps directly. (The first step moves only the
+    zero-initialised output convolution: nothing upstream gets a gradient through it yet.)"""
+    from safetensors.torch import load_file
+
+    from bigain.toy.train import train_toy_unet
+
+    def trained(name, decay):
+        out = train_toy_unet(tmp_path / name, steps=1, batch_size=2, train_images=2, bf16=False, ema_decay=decay,
+                             warmup=1)
+        return load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors"))["conv_out.weight"].float()
+
+    latest, corrected = trained("latest", 0.0), trained("corrected", 0.9)
+    assert latest.abs().max() > 1e-4  # the step moved it away from its zero start
+    torch.testing.assert_close(corrected, latest, atol=1e-6, rtol=2e-3)  # stored in float16

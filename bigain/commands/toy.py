@@ -50,6 +50,13 @@ def build_parser():
                        help="the toy denoisers to train: dit, unet or both")
     train.add_argument("--steps", type=int, default=9000, help="DiT training steps")
     train.add_argument("--unet_steps", type=int, default=1600, help="UNet training steps")
+    train.add_argument("--unet_lr", type=float, default=1e-3, help="UNet peak learning rate (cosine schedule)")
+    train.add_argument("--unet_ema_decay", type=float, default=0.999,
+                       help="decay of the UNet's weight average (bias-corrected for the starting weights)")
+    train.add_argument("--unet_init_from", type=str | None, default=None, metavar="DIR",
+                       help="continue training from a saved toy UNet folder (holding unet/ and "
+                            "class_prompts.safetensors) instead of starting from scratch, with a 20-step "
+                            "learning-rate warm-up instead of 50")
     train.add_argument("--batch_size", type=int, default=32, help="training batch size of both denoisers")
     train.add_argument("--classifier_steps", type=int, default=600,
                        help="classifier training steps; 0 keeps the classifier already in --out")
@@ -81,6 +88,9 @@ def _train_command(args: Any) -> str:
     return ("bigain toy train" + (f" --out {args.out}" if args.out != DEFAULT_TRAIN_DIR else "") + denoisers
             + (f" --steps {args.steps}" if "dit" in args.denoisers else "")
             + (f" --unet_steps {args.unet_steps}" if "unet" in args.denoisers else "")
+            + (f" --unet_lr {args.unet_lr:g} --unet_ema_decay {args.unet_ema_decay:g}"
+               if "unet" in args.denoisers and (args.unet_lr, args.unet_ema_decay) != (1e-3, 0.999) else "")
+            + (f" --unet_init_from {args.unet_init_from}" if "unet" in args.denoisers and args.unet_init_from else "")
             + f" --batch_size {args.batch_size} --classifier_steps {args.classifier_steps}"
             + f" --loss_weighting {args.loss_weighting} --seed {args.seed}")
 
@@ -111,7 +121,8 @@ def run(cfg: Any) -> int:
                           progress=lambda s, r: _log(f"dit step {s}: loss {r['loss_smoothed']:.4f} ({r['seconds']} s)"))
         if "unet" in args.denoisers:
             train_toy_unet(assets, steps=args.unet_steps, batch_size=args.batch_size, seed=args.seed,
-                           loss_weighting=args.loss_weighting,
+                           loss_weighting=args.loss_weighting, lr=args.unet_lr, ema_decay=args.unet_ema_decay,
+                           init_from=args.unet_init_from, warmup=50 if args.unet_init_from is None else 20,
                            progress=lambda s, r: _log(f"unet step {s}: loss {r['loss_smoothed']:.4f} "
                                                       f"({r['seconds']} s)"))
         _log(f"trained in {time.perf_counter() - start:.0f} s")
