@@ -213,10 +213,12 @@ def test_the_model_cards_reproduce_command_is_in_todays_spelling():
     from bigain.toy.evaluate import ASSETS
 
     recorded = json.loads((ASSETS / "metrics.json").read_text())["command"]  # what `toy evaluate` puts in the card
-    command = " ".join(undeprecate(recorded.split(), toy.build_parser(), note=False))
-    assert f"\n{command}\n" in (ASSETS / "MODEL_CARD.md").read_text()
-    cfg = parse(toy.build_parser(), command.split()[2:])
-    assert cfg.action == "train" and cfg.train.out == "runs/toy-train"
+    lines = [" ".join(undeprecate(line.split(), toy.build_parser(), note=False)) for line in recorded.splitlines()]
+    card = (ASSETS / "MODEL_CARD.md").read_text()
+    assert "```bash\n" + "\n".join(lines) + "\n```" in card
+    for line in lines:  # every step of the recipe parses as a `bigain toy train` command
+        cfg = parse(toy.build_parser(), line.split()[2:])
+        assert cfg.action == "train" and cfg.train.out == "runs/toy-train"
 
 
 TASK_CONFIGS = [p for p in CONFIGS if p.name.startswith(("classify-", "generate-"))]

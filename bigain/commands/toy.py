@@ -138,7 +138,8 @@ def run(cfg: Any) -> int:
 
             previous = json.loads(meta.read_text())
             recorded = previous.get("command", command)
-            command = " ".join(undeprecate(recorded.split(), build_parser(), note=False))
+            command = "\n".join(" ".join(undeprecate(line.split(), build_parser(), note=False))
+                                 for line in recorded.splitlines())  # one command per line
     from bigain.toy import TOY_DENOISERS
 
     metrics: dict[str, Any] = {"command": command, "seed": args.seed, "evaluation_dtype": args.dtype}
