@@ -8,7 +8,7 @@ runs/demo): report.md (settings, what the numbers show, tables, plots, sample co
 report/ (summary.csv, summary.md, summary.html, plots), and one run folder per (task, backbone,
 method). A second run reuses the finished cells; Ctrl-C stops the demo (exit
 status 130) and the same command continues it. --quick runs a smaller version
-(fewer images, a shorter protocol) in about two minutes.
+(fewer images, a shorter protocol).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from bigain.commands._parser import DTypeOrAuto, new_parser
 
 def build_parser():
     parser = new_parser("demo", __doc__)
-    parser.add_argument("--quick", action="store_true", help="fewer images and a shorter protocol (about 2 minutes)")
+    parser.add_argument("--quick", action="store_true", help="fewer images and a shorter protocol")
     parser.add_argument("--out", type=str, default="runs/demo", help="output folder")
     parser.add_argument("--images", type=int | None, default=None, help="classification images (default 100; quick 30)")
     parser.add_argument("--gen_per_class", type=int | None, default=None,

@@ -1,8 +1,9 @@
 """Train, evaluate and document the bundled toy models.
 
   bigain toy train [--out DIR]        train the toy classifier (a few minutes), the toy DiT (just under
-                                      an hour on 2 CPU cores) and the toy UNet (about 40 minutes) into
-                                      DIR (default runs/toy-train), then evaluate them and write
+                                      an hour on 2 CPU cores) and the toy UNet (under an hour; the
+                                      shipped one had a second stage, --unet_init_from) into DIR
+                                      (default runs/toy-train), then evaluate them and write
                                       DIR/MODEL_CARD.md;
                                       --classifier_steps 0 keeps the classifier already in DIR,
                                       --denoisers dit (or unet) trains one denoiser only
