@@ -42,9 +42,9 @@ def test_demo_auto_precision_follows_the_cpu_and_the_report_says_why(tmp_path, m
     monkeypatch.setattr(precision, "cpu_bf16_flags", lambda cpuinfo=None: [])
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out), "--methods", "none", "--tasks", "classify", "--images", "2",
-                 "--accelerator", "cpu"]) == 0
+                 "--accelerator", "cpu", "--backbones", "dit"]) == 0
     report = (out / "report.md").read_text()
     assert "- precision: float32 (this CPU has no native bfloat16" in report and "emulated" in report
-    meta = json.loads((out / "classify" / "toy" / "none" / "run.json").read_text())
+    meta = json.loads((out / "classify" / "toy" / "dit" / "none" / "run.json").read_text())
     assert meta["result_config"]["model"]["backbone_options"]["dtype"] == "float32"
     assert "cpu_native_bf16" in meta["device"] and meta["device"]["cpu"]

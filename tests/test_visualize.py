@@ -375,7 +375,7 @@ def test_a_toy_unet_folder_is_recognised_and_its_full_resolution_level_is_probed
     assert rc == 0, capsys.readouterr().err
     table = pd.read_csv(out / "edge_survival.csv")
     assert (table["edge_tokens"] == 103).all()  # 10% of the 32x32 = 1024 tokens of the level compressed
-    assert main(["visualize", "--what", "edges", "--model", "sdxl"]) == 2
+    assert main(["visualize", "--what", "edges", "--model", "no-such-model"]) == 2
     assert "registered backbone" in capsys.readouterr().err
     assert main(["visualize", "--what", "edges", "--model", "dit"]) == 2
     assert "--model_path" in capsys.readouterr().err
