@@ -271,12 +271,10 @@ class CachedPrompts:
     guidance's null condition is the empty prompt. Mix in before :class:`DiffusionBackbone`."""
 
     device: torch.device
+    encode_prompts: Any  # (prompts) -> TextConditions, the backbone's own
     _class_prompts: tuple[str, ...] = ()
     _class_cond: TextConditions | None = None
     _null: TextConditions | None = None
-
-    def encode_prompts(self, prompts: Sequence[str]) -> TextConditions:
-        raise NotImplementedError
 
     def set_classes(self, *, prompts: Sequence[str], label_ids: Sequence[int] | None = None) -> None:
         if tuple(prompts) != self._class_prompts or self._class_cond is None:

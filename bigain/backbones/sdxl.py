@@ -100,6 +100,7 @@ class StableDiffusionXL(VAELatents, CachedPrompts, DiffusionBackbone):
         self.zeros_for_empty_prompt = (self._pipeline_zeros() if zeros_for_empty_prompt is None
                                        else zeros_for_empty_prompt)
         self.text_batch = text_batch
+        self._time_ids: dict[tuple[int, int, str], Tensor] = {}
 
     def _pipeline_zeros(self) -> bool:
         index = Path(self.path).expanduser() / "model_index.json"
@@ -141,8 +142,11 @@ class StableDiffusionXL(VAELatents, CachedPrompts, DiffusionBackbone):
     # -- the model -----------------------------------------------------------------------------
     def time_ids(self, height: int, width: int, batch: int) -> Tensor:
         """The six size ids per sample: original size, crop top-left (0, 0), target size (pixels)."""
-        row = torch.tensor([height, width, 0, 0, height, width], dtype=self.model_dtype, device=self.device)
-        return row.expand(batch, -1)
+        key = (height, width, str(self.device))
+        if key not in self._time_ids:  # built once per size: no host-to-device copy per forward
+            self._time_ids[key] = torch.tensor([height, width, 0, 0, height, width], dtype=self.model_dtype,
+                                               device=self.device)
+        return self._time_ids[key].expand(batch, -1)
 
     def predict_output(self, x_t: Tensor, t: Tensor, cond: PooledConditions) -> Tensor:
         if not isinstance(cond, PooledConditions):

@@ -57,7 +57,8 @@ class DiffusionTask(L.LightningModule):
         self.backbone = backbone
         selection = find_adapter(backbone).selection(max_downsample=hp.max_downsample, blocks=hp.blocks)
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # an empty selection is an error here, below
+            warnings.filterwarnings("ignore", message="bigain.apply selected no self-attention layer",
+                                    category=UserWarning)  # an empty selection is an error here, below
             self.handle = apply(backbone, self.compressor, **selection, seed=hp.seed)
         if not self.handle.layers and hp.compressor != "none":
             levels = sorted({site.level for site in self.handle.adapter.sites()})
