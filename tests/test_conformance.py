@@ -148,16 +148,24 @@ class BatchMeanKeys(PairMerge):
         return Compressed(x, x[:, keep])
 
 
-class ClockSeeded(PairMerge):
-    """Merges pairs starting at a random offset drawn from a generator seeded by the clock."""
+class CountsItsCalls(PairMerge):
+    """Merges pairs starting at an offset that advances with every call: state kept between calls.
+
+    Every call differs from the one before (a clock- or generator-seeded offset would repeat by chance and make
+    the checks that call twice flaky), so the deterministic check must fail it and batch independence cannot be
+    judged.
+    """
+
+    def __init__(self, *, ratio: float = 0.5) -> None:
+        super().__init__(ratio=ratio)
+        self.calls = 0
 
     def compress(self, x, ctx):
         r = self.pairs(x.shape[1])
         if r == 0:
             return Compressed.identity(x)
-        gen = torch.Generator()
-        gen.seed()
-        start = int(torch.randint(0, x.shape[1] - 2 * r + 1, (), generator=gen))
+        start = self.calls % (x.shape[1] - 2 * r + 1)
+        self.calls += 1
         order = torch.cat([torch.arange(start, x.shape[1]), torch.arange(start)])
         back = torch.argsort(order)
         out = super().compress(x[:, order], ctx)
@@ -184,7 +192,7 @@ BROKEN = {
     "global_rng": GlobalRNG,
     "inputs_unchanged": MutatesMetric,
     "batch_independent": BatchMeanKeys,
-    "deterministic": ClockSeeded,
+    "deterministic": CountsItsCalls,
     "compiles": ReadsTimestepsOnTheHost,
 }
 
