@@ -29,6 +29,8 @@ __all__ = [
     "unit_vectors",
     "similarities",
     "most_similar",
+    "check_similarity",
+    "SIMILARITY_SEARCHES",
     "BipartiteMerge",
     "bipartite_soft_matching",
 ]
@@ -215,14 +217,35 @@ def similarities(a: Tensor, b: Tensor) -> Tensor:
 SIMILARITY_CHUNK_BYTES = 256 * 2**20
 
 
-def most_similar(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+SIMILARITY_SEARCHES = ("blocked", "fused")
+
+
+def check_similarity(similarity: str, *, method: str) -> None:
+    """Validate a compressor's ``similarity`` option (see :func:`most_similar`)."""
+    if similarity not in SIMILARITY_SEARCHES:
+        raise ConfigError(f"{method}: similarity must be 'blocked' (the eager search, the default) or 'fused' (a "
+                          f"Triton kernel for CUDA GPUs), got {similarity!r}")
+    if similarity == "fused":
+        from bigain.plugins._fused_similarity import check_fused_available
+
+        check_fused_available(method)
+
+
+def most_similar(a: Tensor, b: Tensor, *, similarity: str = "blocked") -> tuple[Tensor, Tensor]:
     """For each row of ``a`` (``[B, Na, C]``), its highest similarity to a row of ``b`` (``[B, Nb, C]``)
     and that row's index: float32 ``[B, Na]`` and long ``[B, Na]``; ties go to the lowest index.
 
-    The ``[B, Na, Nb]`` similarity matrix is built in blocks of rows of at most
-    :data:`SIMILARITY_CHUNK_BYTES`, so its memory stays bounded at high resolution and batch size
+    ``similarity="blocked"``: the ``[B, Na, Nb]`` similarity matrix is built in blocks of rows of at
+    most :data:`SIMILARITY_CHUNK_BYTES`, so its memory stays bounded at high resolution and batch size
     (SD 2.0 at 1024 px, batch 8: 1.6 GB in one piece); small problems take one block.
+    ``similarity="fused"``: a Triton kernel that keeps only each row's running maximum, so the matrix
+    is never written (:mod:`bigain.plugins._fused_similarity`); equal to the blocked search up to
+    float32 summation order.
     """
+    if similarity == "fused":
+        from bigain.plugins._fused_similarity import most_similar_fused
+
+        return most_similar_fused(a, b)
     rows = max(1, SIMILARITY_CHUNK_BYTES // max(1, 4 * a.shape[0] * b.shape[1]))
     if rows >= a.shape[1]:
         return similarities(a, b).max(dim=-1)
@@ -230,14 +253,16 @@ def most_similar(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     return torch.cat([p.values for p in parts], dim=1), torch.cat([p.indices for p in parts], dim=1)
 
 
-def bipartite_soft_matching(metric: Tensor, a_idx: Tensor, b_idx: Tensor, r: int) -> BipartiteMerge:
+def bipartite_soft_matching(metric: Tensor, a_idx: Tensor, b_idx: Tensor, r: int, *,
+                            similarity: str = "blocked") -> BipartiteMerge:
     """ToMe's matching: each source picks its most cosine-similar destination (global search); the
     ``r`` sources with the highest such similarity are merged, the others kept.
 
-    Similarities are float32 (see :func:`similarities` for a half-precision model on a GPU).
+    Similarities are float32 (see :func:`similarities` for a half-precision model on a GPU);
+    ``similarity`` picks the search (see :func:`most_similar`).
     """
     m = unit_vectors(metric)
-    node_max, node_idx = most_similar(gather_tokens(m, a_idx), gather_tokens(m, b_idx))  # [B, Ns]
+    node_max, node_idx = most_similar(gather_tokens(m, a_idx), gather_tokens(m, b_idx), similarity=similarity)
     edge_idx = node_max.argsort(dim=-1, descending=True)
     src_idx = edge_idx[:, :r]
     return BipartiteMerge(

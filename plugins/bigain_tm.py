@@ -50,13 +50,17 @@ class BiGainTM(CellMerge):
         sy: stride cell height.
         norm: channel reduction of the Laplacian response, ``"l1"`` (the paper's) or ``"l2"``.
         legacy_grouping: reproduce the released code's 1x4-strip grouping instead of true cells.
+        similarity: the similarity search, ``"blocked"`` (eager, the default) or ``"fused"`` (a Triton
+            kernel for CUDA GPUs that never writes the similarity matrix); the same merges up to
+            float32 summation order.
     """
 
     name = "bigain_tm"
 
     def __init__(self, *, ratio: float = 0.5, sx: int = 2, sy: int = 2,
-                 norm: Literal["l1", "l2"] = "l1", legacy_grouping: bool = False) -> None:
-        super().__init__(ratio=ratio, sx=sx, sy=sy)
+                 norm: Literal["l1", "l2"] = "l1", legacy_grouping: bool = False,
+                 similarity: Literal["blocked", "fused"] = "blocked") -> None:
+        super().__init__(ratio=ratio, sx=sx, sy=sy, similarity=similarity)
         if norm not in ("l1", "l2"):
             raise ConfigError(f"bigain_tm: norm must be 'l1' or 'l2', got {norm!r}")
         self.norm = norm

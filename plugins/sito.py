@@ -17,6 +17,8 @@ own position; pruned tokens have none (they are recovered after attention).
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import Tensor
 
@@ -26,6 +28,7 @@ from bigain.plugins._tokens import (
     cell_counts,
     cell_values,
     check_ratio,
+    check_similarity,
     dst_mask,
     gather_tokens,
     most_similar,
@@ -45,14 +48,19 @@ class SiTo(TokenCompressor):
         sy: stride cell height.
         noise_alpha: weight of the random term of the destination score.
         sim_beta: weight of the similarity term of the destination score.
+        similarity: the search for each token's most similar destination / kept token, ``"blocked"``
+            (eager, the default) or ``"fused"`` (a Triton kernel for CUDA GPUs that never writes the
+            similarity matrix); the same result up to float32 summation order.
     """
 
     name = "sito"
     identity_params = {"ratio": 0.0}
 
     def __init__(self, *, ratio: float = 0.5, sx: int = 2, sy: int = 2,
-                 noise_alpha: float = 0.1, sim_beta: float = 1.0) -> None:
+                 noise_alpha: float = 0.1, sim_beta: float = 1.0,
+                 similarity: Literal["blocked", "fused"] = "blocked") -> None:
         check_ratio(ratio, sx, sy, method="sito")
+        check_similarity(similarity, method="sito")
         for name, value in (("noise_alpha", noise_alpha), ("sim_beta", sim_beta)):
             if not isinstance(value, (int, float)) or value < 0:
                 raise ConfigError(f"sito: {name} must be a number >= 0, got {value!r}")
@@ -61,6 +69,7 @@ class SiTo(TokenCompressor):
         self.sy = sy
         self.noise_alpha = float(noise_alpha)
         self.sim_beta = float(sim_beta)
+        self.similarity = similarity
 
     def compress(self, x: Tensor, ctx: LayerContext) -> Compressed:
         b, n, _ = x.shape
@@ -77,12 +86,13 @@ class SiTo(TokenCompressor):
         a_idx, b_idx = split_by_mask(dst_mask(choice, ctx.grid, self.sx, self.sy), hs * ws)
         num_prune = min(num_prune, a_idx.shape[1])
 
-        src_sim = most_similar(gather_tokens(m, a_idx), gather_tokens(m, b_idx))[0]
+        src_sim = most_similar(gather_tokens(m, a_idx), gather_tokens(m, b_idx), similarity=self.similarity)[0]
         order = src_sim.argsort(dim=-1, descending=True)
         pruned_idx = a_idx.gather(1, order[:, :num_prune])
         kept_idx = torch.cat([a_idx.gather(1, order[:, num_prune:]), b_idx], dim=1)
         # each pruned token's most similar kept token (unmerged sources included)
-        nearest = most_similar(gather_tokens(m, pruned_idx), gather_tokens(m, kept_idx))[1]
+        nearest = most_similar(gather_tokens(m, pruned_idx), gather_tokens(m, kept_idx),
+                               similarity=self.similarity)[1]
 
         def restore(y: Tensor) -> Tensor:
             c = y.shape[-1]

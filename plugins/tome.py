@@ -27,6 +27,7 @@ from bigain.plugins._tokens import (
     bipartite_soft_matching,
     cell_counts,
     check_ratio,
+    check_similarity,
     dst_mask,
     split_by_mask,
 )
@@ -39,11 +40,13 @@ class CellMerge(TokenCompressor):
 
     identity_params = {"ratio": 0.0}
 
-    def __init__(self, *, ratio: float, sx: int, sy: int) -> None:
+    def __init__(self, *, ratio: float, sx: int, sy: int, similarity: Literal["blocked", "fused"] = "blocked") -> None:
         check_ratio(ratio, sx, sy, method=self.name or type(self).__name__)
+        check_similarity(similarity, method=self.name or type(self).__name__)
         self.ratio = float(ratio)
         self.sx = sx
         self.sy = sy
+        self.similarity = similarity
 
     @abstractmethod
     def choose_destinations(self, x: Tensor, ctx: LayerContext, cells: tuple[int, int]) -> Tensor:
@@ -57,7 +60,8 @@ class CellMerge(TokenCompressor):
             return Compressed.identity(x)
         choice = self.choose_destinations(x, ctx, (hs, ws))
         a_idx, b_idx = split_by_mask(dst_mask(choice, ctx.grid, self.sx, self.sy), hs * ws)
-        matching = bipartite_soft_matching(ctx.metric, a_idx, b_idx, min(r, a_idx.shape[1]))
+        matching = bipartite_soft_matching(ctx.metric, a_idx, b_idx, min(r, a_idx.shape[1]),
+                                           similarity=self.similarity)
         merged = matching.merge(x)
         if ctx.positions is None:
             return Compressed(merged, merged, matching.unmerge)
@@ -83,14 +87,18 @@ class ToMe(CellMerge):
             the batch, and top-left destinations whenever the batch size is odd. Results then
             depend on batch size, call order and resumption; eager mode only (a stateful
             generator cannot be traced). For reproducing released numbers, never a default.
+        similarity: the similarity search, ``"blocked"`` (eager, the default) or ``"fused"`` (a Triton
+            kernel for CUDA GPUs that never writes the similarity matrix); the same merges up to
+            float32 summation order.
     """
 
     name = "tome"
 
     def __init__(self, *, ratio: float = 0.5, sx: int = 2, sy: int = 2,
                  dst: Literal["random", "topleft"] = "random",
-                 randomness: Literal["keyed", "tomesd"] = "keyed") -> None:
-        super().__init__(ratio=ratio, sx=sx, sy=sy)
+                 randomness: Literal["keyed", "tomesd"] = "keyed",
+                 similarity: Literal["blocked", "fused"] = "blocked") -> None:
+        super().__init__(ratio=ratio, sx=sx, sy=sy, similarity=similarity)
         if dst not in ("random", "topleft"):
             raise ConfigError(f"tome: dst must be 'random' or 'topleft', got {dst!r}")
         if randomness not in ("keyed", "tomesd"):

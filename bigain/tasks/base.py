@@ -45,6 +45,14 @@ class DiffusionTask(L.LightningModule):
         self.backbone: DiffusionBackbone | None = None
         self.handle = None
 
+    def compressor_result_options(self) -> dict[str, Any]:
+        """The compressor's hyperparameters as a run's identity records them: the default similarity search
+        (``similarity="blocked"``) is left out, so runs made before the option existed keep their identity."""
+        options = self.compressor.hyperparameters()
+        if options.get("similarity") == "blocked":
+            options.pop("similarity")
+        return options
+
     def check_backbone(self, backbone: DiffusionBackbone) -> None:
         """Validate options that depend on the loaded model (called once, before compressing)."""
 

@@ -184,7 +184,7 @@ class DiffusionGenerator(DiffusionTask):
         hp = {k: v for k, v in dict(self.hparams).items() if k not in METRIC_OPTIONS and k != "compile"}
         if hp.get("image_format") == "png":
             hp.pop("image_format")  # the default leaves earlier runs' identity unchanged
-        hp.update(compressor_options=self.compressor.hyperparameters(), sampler=self.sampler_name,
+        hp.update(compressor_options=self.compressor_result_options(), sampler=self.sampler_name,
                   guidance_scale=self.guidance)
         return hp
 
