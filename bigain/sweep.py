@@ -173,7 +173,21 @@ def _finished(cell: Cell) -> bool:
         meta = json.loads(meta_path.read_text())
     except (OSError, json.JSONDecodeError):
         return False  # unreadable: the cell's run rebuilds it
-    return meta.get("status") == "complete" and cfg_path.read_text() == cell.config_text
+    if meta.get("status") != "complete" or cfg_path.read_text() != cell.config_text:
+        return False
+    # weights rebuilt under the same name (a retrained toy model) leave cell.yaml as it was: compare their digest
+    recorded = ((meta.get("result_config") or {}).get("model") or {}).get("weights")
+    return recorded == _weights_digest(cell.config.get("model") or {}, default=recorded)
+
+
+def _weights_digest(model: dict[str, Any], *, default: str | None) -> str | None:
+    """The digest a run of ``model`` records as ``model.weights`` (``default`` when the backbone is not named)."""
+    from bigain.backbones import BACKBONES
+
+    name = model.get("backbone")
+    if not isinstance(name, str) or name not in BACKBONES.names():
+        return default
+    return BACKBONES.get(name).weights_digest(dict(model.get("backbone_options") or {}))
 
 
 def _run_subprocess(args: list[str], log: Path) -> tuple[int, str]:

@@ -316,3 +316,28 @@ def test_a_compressor_breaking_mid_run_is_one_line_naming_it_and_keeps_the_finis
     assert meta["status"].startswith("failed: CompressorError: compressor 'todo'")
     done = RunFolder(run_dir).done_indices()
     assert done and len(done) < 6  # what finished before the failure is kept, for a resume
+
+
+def test_retrained_toy_weights_under_the_same_path_are_a_different_run(tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from bigain.backbones.dit import TOY_DIT_PATH
+
+    toy = tmp_path / "toy-dit"
+    shutil.copytree(TOY_DIT_PATH, toy)
+    run = ["classify", "--model.backbone", "toy", "--model.backbone_options", f"{{path: {toy}}}",
+           "--model.n_samples", "[2]", "--model.to_keep", "[1]", "--data", "toy", "--data.length", "2",
+           "--data.batch_size", "2", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
+           "--run_dir", str(tmp_path / "run")]
+    assert main(run) == 0
+    assert main(run) == 0  # the same weights: the finished run is found, nothing is redone
+    weights = next((toy / "transformer").glob("*.safetensors"))
+    tensors = load_file(weights)
+    name = next(iter(tensors))
+    tensors[name] = tensors[name] + 1e-3  # as `bigain toy train --out` rebuilding the folder would
+    save_file(tensors, weights)
+    capsys.readouterr()
+    assert main(run) == 2
+    assert "differs in: model.weights" in capsys.readouterr().err

@@ -83,3 +83,25 @@ def test_a_backbones_axis_runs_every_cell_on_each_model_in_its_own_folder(tmp_pa
                      ([{"label": "x", "model": {"backbone": "toy"}}] * 2, "must differ")):
         with pytest.raises(ConfigError, match=why):
             expand_sweep({**spec, "backbones": bad}, tmp_path)
+
+
+def test_a_cell_on_retrained_toy_weights_is_not_taken_as_finished(tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from bigain.backbones.dit import TOY_DIT_PATH
+
+    toy = tmp_path / "toy-dit"
+    shutil.copytree(TOY_DIT_PATH, toy)
+    s = {"tasks": ["classify"], "datasets": [{"class_path": "toy", "init_args": {"length": 2}}], "compressors": ["none"],
+         "classify": {"model": {"backbone": "toy", "backbone_options": {"path": str(toy)}, "n_samples": [2],
+                                "to_keep": [1]}, "trainer": {"accelerator": "cpu", "enable_progress_bar": False}}}
+    assert run_sweep(s, out=tmp_path / "sweep", in_process=True)["cells"][0]["status"] == "complete"
+    assert run_sweep(s, out=tmp_path / "sweep", in_process=True)["cells"][0]["status"] == "skipped (finished)"
+    weights = next((toy / "transformer").glob("*.safetensors"))
+    tensors = load_file(weights)
+    name = next(iter(tensors))
+    save_file({**tensors, name: tensors[name] + 1e-3}, weights)  # rebuilt in place, cell.yaml unchanged
+    cell = run_sweep(s, out=tmp_path / "sweep", in_process=True)["cells"][0]
+    assert cell["status"] == "failed" and "model.weights" in cell["error"], cell

@@ -32,11 +32,13 @@ ask which kind a backbone is; they call the methods below, whose defaults are th
 
 from __future__ import annotations
 
+import hashlib
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -45,7 +47,7 @@ from torch import Tensor, nn
 from bigain.errors import ConfigError
 
 __all__ = ["DiffusionBackbone", "VAELatents", "ClassLabels", "TextConditions", "PooledConditions", "CachedPrompts",
-           "RectifiedFlow", "DTYPES", "COMPILE_MODES", "CompileMode", "resolve_dtype", "PREDICTION_TYPES",
+           "RectifiedFlow", "DTYPES", "COMPILE_MODES", "CompileMode", "resolve_dtype", "folder_digest", "PREDICTION_TYPES",
            "FLOW_PREDICTION", "check_prediction_type", "to_epsilon", "to_sample", "to_target", "ddpm_noise"]
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -135,6 +137,17 @@ def ddpm_noise(x0: Tensor, eps: Tensor, t: Tensor, alphas_cumprod: Tensor) -> Te
     ``eps`` ``[B, C, h, w]``, ``x0`` broadcasting to it; ``a`` gathered in float64, the maths in float32)."""
     a = alphas_cumprod.to(device=eps.device, dtype=torch.float64)[t.to(eps.device)].float().view(-1, 1, 1, 1)
     return a.sqrt() * x0 + (1.0 - a).sqrt() * eps
+
+
+def folder_digest(path: str | Path) -> str:
+    """SHA-256 (hex, first 16 digits) of every weight and config file under ``path`` (``*.safetensors``,
+    ``*.bin``, ``*.json``), names and contents, in a fixed order; for small, local checkpoints."""
+    root = Path(path).expanduser()
+    h = hashlib.sha256()
+    for file in sorted(f for f in root.rglob("*") if f.is_file() and f.suffix in (".safetensors", ".bin", ".json")):
+        h.update(file.relative_to(root).as_posix().encode() + b"\0")
+        h.update(file.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -333,6 +346,17 @@ class DiffusionBackbone(nn.Module, ABC):
         self.dtype_name = dtype
         self.model_dtype = resolve_dtype(dtype)
         self.compile_mode = "none"
+
+    @classmethod
+    def weights_digest(cls, options: dict[str, Any]) -> str | None:
+        """A digest of the weights the backbone built with ``options`` would load, or ``None`` when the options
+        name the weights well enough (a hub id, a folder of a released checkpoint).
+
+        A run's identity includes it, so that a run folder never mixes results of two sets of weights that
+        share a name: the toy backbones, whose shipped weights ``bigain toy train`` can rebuild in place,
+        return :func:`folder_digest` of their folder.
+        """
+        return None
 
     def use_schedule(self, path: str) -> None:
         """Read the checkpoint's scheduler config at ``path``: sets ``scheduler_config``,

@@ -8,7 +8,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from bigain.backbones.base import ClassLabels, DiffusionBackbone
+from bigain.backbones.base import ClassLabels, DiffusionBackbone, folder_digest
 from bigain.backbones.loading import is_local, load_component, require_subfolders
 from bigain.errors import CheckpointError
 
@@ -93,6 +93,11 @@ class ToyDiT(DiT):
         path: the folder holding it (default: the copy shipped in ``bigain/toy/assets``).
         dtype: precision the network runs in.
     """
+
+    @classmethod
+    def weights_digest(cls, options: dict[str, Any]) -> str | None:
+        path = Path(options.get("path") or TOY_DIT_PATH)
+        return folder_digest(path) if path.is_dir() else None
 
     def __init__(self, *, path: str | None = None,
                  dtype: Literal["float32", "float16", "bfloat16"] = "float32") -> None:

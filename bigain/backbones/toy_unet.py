@@ -15,7 +15,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from bigain.backbones.base import ClassLabels, DiffusionBackbone
+from bigain.backbones.base import ClassLabels, DiffusionBackbone, folder_digest
 from bigain.backbones.loading import load_component, require_subfolders
 from bigain.errors import CheckpointError
 
@@ -36,6 +36,11 @@ class ToyUNet(ClassLabels, DiffusionBackbone):
     """
 
     family = "unet"
+
+    @classmethod
+    def weights_digest(cls, options: dict[str, Any]) -> str | None:
+        path = Path(options.get("path") or TOY_UNET_PATH).expanduser()
+        return folder_digest(path) if path.is_dir() else None
 
     def __init__(self, *, path: str | None = None,
                  dtype: Literal["float32", "float16", "bfloat16"] = "float32") -> None:

@@ -53,6 +53,14 @@ class DiffusionTask(L.LightningModule):
             options.pop("similarity")
         return options
 
+    def add_weights_identity(self, hp: dict[str, Any]) -> dict[str, Any]:
+        """``hp`` with ``weights``: the backbone's :meth:`~bigain.backbones.DiffusionBackbone.weights_digest`
+        where it gives one (the toy backbones), so retrained weights under the same name make a new run."""
+        digest = self.backbone_class.weights_digest(dict(self.hparams.get("backbone_options") or {}))
+        if digest is not None:
+            hp["weights"] = digest
+        return hp
+
     def check_backbone(self, backbone: DiffusionBackbone) -> None:
         """Validate options that depend on the loaded model (called once, before compressing)."""
 

@@ -117,7 +117,7 @@ class DiffusionClassifier(DiffusionTask):
         if hp.get("target") == "epsilon":
             hp.pop("target")  # the default leaves earlier runs' identity unchanged
         hp["compressor_options"] = self.compressor_result_options()
-        return hp
+        return self.add_weights_identity(hp)
 
     def check_backbone(self, backbone: DiffusionBackbone) -> None:
         hp = self.hparams

@@ -186,7 +186,7 @@ class DiffusionGenerator(DiffusionTask):
             hp.pop("image_format")  # the default leaves earlier runs' identity unchanged
         hp.update(compressor_options=self.compressor_result_options(), sampler=self.sampler_name,
                   guidance_scale=self.guidance)
-        return hp
+        return self.add_weights_identity(hp)
 
     def check_backbone(self, backbone: DiffusionBackbone) -> None:
         if self.hparams.steps > backbone.num_train_timesteps:
