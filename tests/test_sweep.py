@@ -94,7 +94,8 @@ def test_a_cell_on_retrained_toy_weights_is_not_taken_as_finished(tmp_path):
 
     toy = tmp_path / "toy-dit"
     shutil.copytree(TOY_DIT_PATH, toy)
-    s = {"tasks": ["classify"], "datasets": [{"class_path": "toy", "init_args": {"length": 2}}], "compressors": ["none"],
+    s = {"tasks": ["classify"], "datasets": [{"class_path": "toy", "init_args": {"length": 2}}],
+         "compressors": ["none"],
          "classify": {"model": {"backbone": "toy", "backbone_options": {"path": str(toy)}, "n_samples": [2],
                                 "to_keep": [1]}, "trainer": {"accelerator": "cpu", "enable_progress_bar": False}}}
     assert run_sweep(s, out=tmp_path / "sweep", in_process=True)["cells"][0]["status"] == "complete"
