@@ -48,7 +48,8 @@ from bigain.errors import ConfigError
 
 __all__ = ["DiffusionBackbone", "VAELatents", "ClassLabels", "TextConditions", "PooledConditions", "CachedPrompts",
            "RectifiedFlow", "DTYPES", "COMPILE_MODES", "CompileMode", "resolve_dtype", "folder_digest",
-           "PREDICTION_TYPES", "FLOW_PREDICTION", "check_prediction_type", "to_epsilon", "to_sample", "to_target", "ddpm_noise"]
+           "PREDICTION_TYPES", "FLOW_PREDICTION", "check_prediction_type", "to_epsilon", "to_sample", "to_target",
+           "ddpm_noise"]
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 #: How a task runs its denoiser: eagerly (``none``) or through ``torch.compile`` in one of its modes.
