@@ -306,6 +306,18 @@ def _compiled(model: nn.Module, mode: str, backend: str) -> nn.Module:
     return torch.compile(model, mode=None if mode == "default" else mode, backend=backend)
 
 
+def _first_compiled_call(runner: nn.Module, inputs: dict[str, Any], device: str, *, freeze: bool) -> float:
+    """The first call of a compiled runner (tracing, code generation and one forward), in seconds; with
+    ``freeze``, inductor treats the weights as constants for this compile (``freezing``: folded and, on a CPU,
+    prepacked for oneDNN)."""
+    if not freeze:
+        return _forward_seconds(runner, inputs, device)
+    from torch._inductor import config as inductor_config
+
+    with inductor_config.patch(freezing=True):
+        return _forward_seconds(runner, inputs, device)
+
+
 def run_bench(
     *,
     model: str = "sd2-unet",
@@ -323,6 +335,7 @@ def run_bench(
     flops: bool = True,
     compile_modes: Sequence[str] = ("none",),
     compile_backend: str = "inductor",
+    freeze: bool | None = None,
     progress: Any = None,
 ):
     """Benchmark ``methods`` on one denoiser; returns ``(DataFrame, info)``.
@@ -331,12 +344,16 @@ def run_bench(
     side in the same interleaved rounds. Each method stays applied on its own copy of the model
     (sharing the weights), so a compiled graph is traced once; the first compiled call (tracing,
     code generation and one forward) is reported as ``compile_s`` and is never part of the timing.
+    ``freeze`` compiles with inductor's ``freezing`` (the weights become constants, prepacked for oneDNN
+    on a CPU; right for inference, where weights do not change); ``None``: on a CPU with inductor.
     """
     import pandas as pd
 
     if repeats < 1 or warmup < 0:
         raise ConfigError("repeats must be >= 1 and warmup >= 0")
     modes = list(dict.fromkeys(compile_modes)) or ["none"]
+    if freeze is None:  # inference on a CPU: frozen weights let inductor use oneDNN's prepacked kernels
+        freeze = compile_backend == "inductor" and not device.startswith("cuda")
     for mode in modes:
         if mode not in COMPILE_MODES:
             raise ConfigError(f"compile mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
@@ -394,7 +411,7 @@ def run_bench(
             for mode in modes:
                 runner = _compiled(copy_, mode, compile_backend)
                 if mode != "none":
-                    compile_s[(spec.label, mode)] = _forward_seconds(runner, inputs, device)  # traces and compiles
+                    compile_s[(spec.label, mode)] = _first_compiled_call(runner, inputs, device, freeze=freeze)
                 for _ in range(max(warmup, 2 if mode == "reduce-overhead" else 0)):  # CUDA graph recording
                     _forward_seconds(runner, inputs, device)
                 runners[(spec.label, mode)] = runner
@@ -428,6 +445,7 @@ def run_bench(
     info.update({"resolution": resolution, "batch_size": batch_size, "dtype": dtype, "device": device,
                  "repeats": repeats, "warmup": warmup, "max_downsample": max_downsample,
                  "compile_modes": modes, "compile_backend": compile_backend if modes != ["none"] else None,
+                 "freeze": bool(freeze) if modes != ["none"] else None,
                  "device_name": torch.cuda.get_device_name(0) if device.startswith("cuda") else _cpu_name(),
                  "torch": torch.__version__, "threads": torch.get_num_threads()})
     return pd.DataFrame(out), info
@@ -456,7 +474,8 @@ def format_table(df, info: dict[str, Any]) -> str:
             f"{info['repeats']} interleaved repeats after {info['warmup']} warm-up")
     compiled = info.get("compile_modes", ["none"]) != ["none"]
     if compiled:
-        head += f"; compiled with torch.compile (backend {info.get('compile_backend')})"
+        head += f"; compiled with torch.compile (backend {info.get('compile_backend')}"
+        head += ", weights frozen)" if info.get("freeze") else ")"
         lines = [head, "", "speedup: against `none` in the same compile mode; vs eager: against the same method run "
                  "eagerly; compile s: the first compiled call (not timed).", "",
                  "| method | compile | median ms | IQR ms | speedup | vs eager | compile s | GFLOPs | peak MB | "

@@ -73,6 +73,26 @@ def test_run_bench_times_eager_and_compiled_side_by_side():
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("freeze", [True, False])
+def test_freeze_compiles_with_the_weights_as_constants(freeze):
+    """``--freeze`` is inductor's ``freezing`` setting while each method is compiled (read by a recording backend)."""
+    from torch._inductor import config as inductor_config
+
+    seen = []
+
+    def recording(gm, example_inputs):
+        seen.append(inductor_config.freezing)
+        return gm.forward
+
+    torch._dynamo.reset()
+    df, info = run_bench(model="toy", methods=["none", "tome:ratio=0.5"], repeats=1, warmup=0, flops=False,
+                         compile_modes=["none", "default"], compile_backend=recording, freeze=freeze)
+    torch._dynamo.reset()
+    assert seen and set(seen) == {freeze} and info["freeze"] is freeze
+    assert ("weights frozen" in format_table(df, info)) is freeze
+    assert not inductor_config.freezing  # the setting does not outlive the compile
+
+
 def test_weight_sharing_clone_keeps_one_copy_of_the_weights():
     from bigain.bench import _clone_sharing_weights
 
