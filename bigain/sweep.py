@@ -24,8 +24,9 @@ files and ``log.txt``. An optional ``backbones`` axis runs every cell on each of
       - {label: unet, model: {backbone: toy-unet}}
 
 and the cells become ``<out>/<task>/<dataset>/<label>/<method>`` (the label's keys replace the task's
-keys of the same name). Finished cells (``run.json`` complete, same ``cell.yaml``) are skipped; a cell
-that fails is recorded with its error in ``sweep.json`` and the others go on. SIGINT (Ctrl-C) or
+keys of the same name). Finished cells (``run.json`` complete, same ``cell.yaml``) are skipped, unless
+their backbone's weights changed under the same name (a retrained toy model): that cell fails with what
+to do. A cell that fails is recorded with its error in ``sweep.json`` and the others go on. SIGINT (Ctrl-C) or
 SIGTERM stops the sweep: the running cell saves what it finished and is recorded as
 ``interrupted``, no later cell starts, and running the sweep again resumes it. One sweep at a time
 works in a sweep folder (``sweep.lock``).
@@ -173,11 +174,27 @@ def _finished(cell: Cell) -> bool:
         meta = json.loads(meta_path.read_text())
     except (OSError, json.JSONDecodeError):
         return False  # unreadable: the cell's run rebuilds it
-    if meta.get("status") != "complete" or cfg_path.read_text() != cell.config_text:
-        return False
-    # weights rebuilt under the same name (a retrained toy model) leave cell.yaml as it was: compare their digest
+    return meta.get("status") == "complete" and cfg_path.read_text() == cell.config_text
+
+
+def _stale_weights(cell: Cell) -> str | None:
+    """Why a finished cell's results came from other weights than its backbone now loads, or ``None``.
+
+    Weights rebuilt under the same name (a retrained toy model) leave ``cell.yaml`` as it was; the run
+    records their digest as ``model.weights``.
+    """
+    try:
+        meta = json.loads((cell.folder / "run.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
     recorded = ((meta.get("result_config") or {}).get("model") or {}).get("weights")
-    return recorded == _weights_digest(cell.config.get("model") or {}, default=recorded)
+    if recorded is None:  # made before runs recorded a digest (or a backbone without one): nothing to compare
+        return None
+    current = _weights_digest(cell.config.get("model") or {}, default=recorded)
+    if recorded == current:
+        return None
+    return (f"{cell.folder} holds results of other weights (model.weights {recorded}; the "
+            f"backbone now loads {current}): delete that folder, or run the sweep with another --out, to redo it")
 
 
 def _weights_digest(model: dict[str, Any], *, default: str | None) -> str | None:
@@ -266,7 +283,11 @@ def _run_cells(cells: list[Cell], root: Path, *, in_process: bool, extra_args: l
         if cell.backbone:
             entry["backbone"] = cell.backbone
         results.append(entry)
-        if _finished(cell):
+        stale = _stale_weights(cell) if _finished(cell) else None
+        if stale is not None:  # never mixed with, nor silently replaced by, results of the new weights
+            entry["status"] = "failed"
+            entry["error"] = stale
+        elif _finished(cell):
             entry["status"] = "skipped (finished)"
         else:
             start = time.perf_counter()

@@ -105,4 +105,5 @@ def test_a_cell_on_retrained_toy_weights_is_not_taken_as_finished(tmp_path):
     name = next(iter(tensors))
     save_file({**tensors, name: tensors[name] + 1e-3}, weights)  # rebuilt in place, cell.yaml unchanged
     cell = run_sweep(s, out=tmp_path / "sweep", in_process=True)["cells"][0]
-    assert cell["status"] == "failed" and "model.weights" in cell["error"], cell
+    assert cell["status"] == "failed" and "results of other weights" in cell["error"], cell
+    assert "delete that folder" in cell["error"] and "seconds" not in cell  # refused without running
