@@ -113,7 +113,7 @@ def test_create_compressor_validates_options():
         bigain.create_compressor("tome", ratoi=0.5)
     comp = bigain.create_compressor("tome", ratio=0.7)
     assert bigain.create_compressor(comp) is comp
-    assert repr(comp) == "ToMe(ratio=0.7, sx=2, sy=2, dst='random', randomness='keyed')"
+    assert repr(comp) == "ToMe(ratio=0.7, sx=2, sy=2, dst='random', randomness='keyed', similarity='blocked')"
 
 
 def test_register_compressor_public(monkeypatch):
