@@ -65,7 +65,7 @@ def test_run_bench_times_eager_and_compiled_side_by_side():
     compiled = df[df["compile"] == "default"]
     assert (compiled["compile_s"] > 0).all() and df[df["compile"] == "none"]["compile_s"].isna().all()
     assert (compiled["vs_eager"] > 0).all() and info["compile_backend"] == "eager"
-    assert info["freeze"] is False and "weights frozen" not in format_table(df, info)  # auto: inductor only
+    assert info["freeze"] is False and "weights frozen" not in format_table(df, info)  # not frozen by default
     assert json.loads(compiled.iloc[1]["tokens_kept"]) == {"1": {"queries": 0.5, "keys_values": 0.5}}
     table = format_table(df, info)
     assert "| tome:ratio=0.5 | default |" in table and "vs eager" in table

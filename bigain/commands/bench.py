@@ -58,9 +58,9 @@ def build_parser():
                         help="time each method eager (none) and/or compiled with torch.compile in these modes, "
                              "side by side: none, default, reduce-overhead (CUDA graphs), max-autotune")
     parser.add_argument("--compile_backend", type=str, default="inductor", help="torch.compile backend")
-    parser.add_argument("--freeze", type=Literal["auto", "true", "false"], default="auto",
+    parser.add_argument("--freeze", action="store_true",
                         help="compile with inductor's freezing (weights as constants: folded, and prepacked for "
-                             "oneDNN on a CPU); auto: on a CPU with the inductor backend")
+                             "oneDNN on a CPU); each compiled method then holds its own copy of the weights")
     parser.add_argument("--out", type=str | None, default=None,
                         help="folder for bench.csv / bench.md (default runs/bench/<time>)")
     parser.add_argument("--images", type=int, default=10, help="classifier task: images to classify")
@@ -113,7 +113,7 @@ def run(args: Any) -> int:
                          max_downsample=args.max_downsample, blocks=blocks, compare_tomesd=args.compare_tomesd,
                          flops=not args.no_flops, compile_modes=args.compile,
                          compile_backend=args.compile_backend,
-                         freeze=None if args.freeze == "auto" else args.freeze == "true", progress=progress)
+                         freeze=args.freeze, progress=progress)
     print(file=sys.stderr)
     info["dtype"] = str(args.dtype)  # recorded and printed in the one spelling every command uses
     if "dtype" in df:
