@@ -166,27 +166,25 @@ def load_sweep(path: str | Path) -> dict[str, Any]:
     return spec
 
 
-def _finished(cell: Cell) -> bool:
+def _finished_run(cell: Cell) -> dict[str, Any] | None:
+    """The cell's ``run.json`` when its run is complete with the same ``cell.yaml``, else ``None``."""
     meta_path, cfg_path = cell.folder / "run.json", cell.folder / "cell.yaml"
     if not (meta_path.is_file() and cfg_path.is_file()):
-        return False
+        return None
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, json.JSONDecodeError):
-        return False  # unreadable: the cell's run rebuilds it
-    return meta.get("status") == "complete" and cfg_path.read_text() == cell.config_text
+        return None  # unreadable: the cell's run rebuilds it
+    return meta if meta.get("status") == "complete" and cfg_path.read_text() == cell.config_text else None
 
 
-def _stale_weights(cell: Cell) -> str | None:
-    """Why a finished cell's results came from other weights than its backbone now loads, or ``None``.
+def _stale_weights(cell: Cell, meta: dict[str, Any]) -> str | None:
+    """Why a finished cell's results (``meta``, its ``run.json``) came from other weights than its backbone now
+    loads, or ``None``.
 
     Weights rebuilt under the same name (a retrained toy model) leave ``cell.yaml`` as it was; the run
     records their digest as ``model.weights``.
     """
-    try:
-        meta = json.loads((cell.folder / "run.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
     recorded = ((meta.get("result_config") or {}).get("model") or {}).get("weights")
     if recorded is None:  # made before runs recorded a digest (or a backbone without one): nothing to compare
         return None
@@ -283,11 +281,12 @@ def _run_cells(cells: list[Cell], root: Path, *, in_process: bool, extra_args: l
         if cell.backbone:
             entry["backbone"] = cell.backbone
         results.append(entry)
-        stale = _stale_weights(cell) if _finished(cell) else None
+        finished = _finished_run(cell)
+        stale = _stale_weights(cell, finished) if finished is not None else None
         if stale is not None:  # never mixed with, nor silently replaced by, results of the new weights
             entry["status"] = "failed"
             entry["error"] = stale
-        elif _finished(cell):
+        elif finished is not None:
             entry["status"] = "skipped (finished)"
         else:
             start = time.perf_counter()

@@ -45,17 +45,15 @@ class DiffusionTask(L.LightningModule):
         self.backbone: DiffusionBackbone | None = None
         self.handle = None
 
-    def compressor_result_options(self) -> dict[str, Any]:
-        """The compressor's hyperparameters as a run's identity records them: the default similarity search
-        (``similarity="blocked"``) is left out, so runs made before the option existed keep their identity."""
+    def add_shared_identity(self, hp: dict[str, Any]) -> dict[str, Any]:
+        """``hp`` with what every task's run identity records the same way: ``compressor_options`` (without
+        the default ``similarity="blocked"``, so runs made before the option existed keep their identity) and
+        ``weights``, the backbone's :meth:`~bigain.backbones.DiffusionBackbone.weights_digest` where it gives
+        one (the toy backbones), so retrained weights under the same name make a new run."""
         options = self.compressor.hyperparameters()
         if options.get("similarity") == "blocked":
             options.pop("similarity")
-        return options
-
-    def add_weights_identity(self, hp: dict[str, Any]) -> dict[str, Any]:
-        """``hp`` with ``weights``: the backbone's :meth:`~bigain.backbones.DiffusionBackbone.weights_digest`
-        where it gives one (the toy backbones), so retrained weights under the same name make a new run."""
+        hp["compressor_options"] = options
         digest = self.backbone_class.weights_digest(dict(self.hparams.get("backbone_options") or {}))
         if digest is not None:
             hp["weights"] = digest

@@ -116,8 +116,7 @@ class DiffusionClassifier(DiffusionTask):
         hp["target"] = self.target
         if hp.get("target") == "epsilon":
             hp.pop("target")  # the default leaves earlier runs' identity unchanged
-        hp["compressor_options"] = self.compressor_result_options()
-        return self.add_weights_identity(hp)
+        return self.add_shared_identity(hp)
 
     def check_backbone(self, backbone: DiffusionBackbone) -> None:
         hp = self.hparams

@@ -184,9 +184,8 @@ class DiffusionGenerator(DiffusionTask):
         hp = {k: v for k, v in dict(self.hparams).items() if k not in METRIC_OPTIONS and k != "compile"}
         if hp.get("image_format") == "png":
             hp.pop("image_format")  # the default leaves earlier runs' identity unchanged
-        hp.update(compressor_options=self.compressor_result_options(), sampler=self.sampler_name,
-                  guidance_scale=self.guidance)
-        return self.add_weights_identity(hp)
+        hp.update(sampler=self.sampler_name, guidance_scale=self.guidance)
+        return self.add_shared_identity(hp)
 
     def check_backbone(self, backbone: DiffusionBackbone) -> None:
         if self.hparams.steps > backbone.num_train_timesteps:
