@@ -77,7 +77,6 @@ def test_run_bench_times_eager_and_compiled_side_by_side():
 def test_freeze_compiles_with_the_weights_as_constants():
     """``--freeze`` is inductor's ``freezing`` setting while each method is compiled (read by a recording backend;
     the side-by-side test above compiles unfrozen)."""
-    freeze = True
     from torch._inductor import config as inductor_config
 
     seen = []
@@ -88,10 +87,10 @@ def test_freeze_compiles_with_the_weights_as_constants():
 
     torch._dynamo.reset()
     df, info = run_bench(model="toy", methods=["none", "tome:ratio=0.5"], repeats=1, warmup=0, flops=False,
-                         compile_modes=["none", "default"], compile_backend=recording, freeze=freeze)
+                         compile_modes=["none", "default"], compile_backend=recording, freeze=True)
     torch._dynamo.reset()
-    assert seen and set(seen) == {freeze} and info["freeze"] is freeze
-    assert ("weights frozen" in format_table(df, info)) is freeze
+    assert seen and set(seen) == {True} and info["freeze"] is True
+    assert "weights frozen" in format_table(df, info)
     assert not inductor_config.freezing  # the setting does not outlive the compile
 
 

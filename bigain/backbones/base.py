@@ -140,10 +140,13 @@ def ddpm_noise(x0: Tensor, eps: Tensor, t: Tensor, alphas_cumprod: Tensor) -> Te
     return a.sqrt() * x0 + (1.0 - a).sqrt() * eps
 
 
-def folder_digest(path: str | Path) -> str:
+def folder_digest(path: str | Path) -> str | None:
     """SHA-256 (hex, first 16 digits) of every weight and config file under ``path`` (``*.safetensors``,
-    ``*.bin``, ``*.json``), names and contents, in a fixed order; for small, local checkpoints."""
+    ``*.bin``, ``*.json``), names and contents, in a fixed order; for small, local checkpoints. ``None``
+    when ``path`` is not a folder (the backbone's own loading then says what is missing)."""
     root = Path(path).expanduser()
+    if not root.is_dir():
+        return None
     h = hashlib.sha256()
     for file in sorted(f for f in root.rglob("*") if f.is_file() and f.suffix in (".safetensors", ".bin", ".json")):
         h.update(file.relative_to(root).as_posix().encode() + b"\0")

@@ -96,8 +96,7 @@ class ToyDiT(DiT):
 
     @classmethod
     def weights_digest(cls, options: dict[str, Any]) -> str | None:
-        path = Path(options.get("path") or TOY_DIT_PATH).expanduser()
-        return folder_digest(path) if path.is_dir() else None
+        return folder_digest(options.get("path") or TOY_DIT_PATH)
 
     def __init__(self, *, path: str | None = None,
                  dtype: Literal["float32", "float16", "bfloat16"] = "float32") -> None:
