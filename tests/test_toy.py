@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from bigain.errors import ConfigError
 from bigain.toy.data import SHAPE_CLASSES, TEST_SEED, TEXTURE_CLASSES, TOY_CLASSES, TRAIN_SEED, ToyShapes, render
 from bigain.toy.evaluate import ASSETS
 
@@ -137,19 +138,19 @@ def trained_toy_unet(tmp_path_factory):
     return train_toy_unet(tmp_path_factory.mktemp("toy-unet"), steps=2, batch_size=2, train_images=4, bf16=False)
 
 
-def test_a_trained_toy_unet_loads_conditions_on_its_prompts_and_is_compressed_at_full_resolution(trained_toy_unet):
+def test_a_trained_toy_unet_loads_conditions_on_its_prompts_and_is_compressed_at_its_one_level(trained_toy_unet):
     import bigain
     from bigain.backbones import create_backbone
     from bigain.toy.train import TOY_PROMPT_TOKENS
 
     backbone = create_backbone("toy-unet", path=str(trained_toy_unet))
     assert backbone.family == "unet" and backbone.num_model_classes == 10 and backbone.null_class == 10
-    assert backbone.latent_shape(32) == (3, 32, 32) and backbone.prompts.shape == (11, TOY_PROMPT_TOKENS, 64)
+    assert backbone.latent_shape(32) == (12, 16, 16) and backbone.prompts.shape == (11, TOY_PROMPT_TOKENS, 64)
     assert backbone.unet.dtype == torch.float32  # stored in float16, run in the dtype asked for
     backbone.set_classes(prompts=list(TOY_CLASSES))
     cond = backbone.class_conditions(torch.tensor([0, 7]))
     assert cond.tolist() == [0, 7] and backbone.null_conditions(2).tolist() == [10, 10]
-    x, t = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([900, 900])
+    x, t = torch.randn(2, 12, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([900, 900])
     with torch.no_grad():
         # the prediction is the UNet's on the class prompt (checked against a direct call)
         direct = backbone.unet(x, t, encoder_hidden_states=backbone.prompts[cond]).sample
@@ -161,8 +162,63 @@ def test_a_trained_toy_unet_loads_conditions_on_its_prompts_and_is_compressed_at
     stats = handle.stats()
     handle.remove()
     assert not torch.equal(compressed, direct)
-    assert stats and all(s["level"] == 1 and s["grid"] == [32, 32] and s["compressed_calls"] == 1 for s in stats)
-    assert {s["tokens_in"] for s in stats} == {1024.0} and {s["queries"] for s in stats} == {512.0}
+    assert len(stats) == 4  # down, middle and up blocks' transformers: all at the one level
+    assert all(s["level"] == 1 and s["grid"] == [16, 16] and s["compressed_calls"] == 1 for s in stats)
+    assert {s["tokens_in"] for s in stats} == {256.0} and {s["queries"] for s in stats} == {128.0}
+
+
+def test_the_toy_unet_sees_an_image_as_2x2_pixel_patches_and_gives_it_back_whole(trained_toy_unet):
+    from bigain.backbones import create_backbone
+
+    backbone = create_backbone("toy-unet", path=str(trained_toy_unet))
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    x0 = backbone.encode(image)
+    assert x0.shape == (1, 12, 16, 16)
+    for c, i, j, y, x in [(0, 0, 0, 0, 0), (1, 1, 0, 3, 5), (2, 1, 1, 15, 15), (2, 0, 1, 7, 2)]:
+        assert x0[0, 4 * c + 2 * i + j, y, x] == image[0, c, 2 * y + i, 2 * x + j]  # pixel (2y+i, 2x+j) of colour c
+    assert torch.equal(backbone.decode(x0), image)
+    with pytest.raises(ConfigError, match="multiple of 2"):
+        backbone.latent_shape(33)
+
+
+def test_a_toy_unet_on_pixels_still_loads_and_one_with_odd_channels_is_refused(trained_toy_unet, tmp_path):
+    import shutil
+
+    from diffusers import UNet2DConditionModel
+
+    from bigain.backbones.toy_unet import ToyUNet
+    from bigain.errors import CheckpointError
+
+    def folder(name, channels):
+        root = tmp_path / name
+        shutil.copytree(trained_toy_unet, root)
+        shutil.rmtree(root / "unet")
+        UNet2DConditionModel(sample_size=32, in_channels=channels, out_channels=channels, layers_per_block=1,
+                             block_out_channels=(32,), down_block_types=("CrossAttnDownBlock2D",),
+                             up_block_types=("CrossAttnUpBlock2D",), cross_attention_dim=64, attention_head_dim=1,
+                             norm_num_groups=32).save_pretrained(root / "unet")
+        return str(root)
+
+    pixels = ToyUNet(path=folder("pixels", 3))
+    image = torch.rand(1, 3, 32, 32) * 2 - 1
+    assert pixels.latent_shape(32) == (3, 32, 32) and torch.equal(pixels.encode(image), image)
+    with pytest.raises(CheckpointError, match=r"3 \* p\*\*2 channels"):
+        ToyUNet(path=folder("four", 4))
+
+
+def test_training_the_toy_unet_on_from_a_folder_of_another_architecture_is_refused(trained_toy_unet, tmp_path):
+    import json
+    import shutil
+
+    from bigain.toy.train import train_toy_unet
+
+    other = tmp_path / "old"
+    shutil.copytree(trained_toy_unet, other)
+    config = json.loads((other / "unet" / "config.json").read_text())
+    config["block_out_channels"] = [64]
+    (other / "unet" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="another architecture.*block_out_channels"):
+        train_toy_unet(tmp_path / "new", steps=1, batch_size=2, train_images=2, bf16=False, init_from=other)
 
 
 def test_a_toy_unet_folder_without_its_prompt_table_is_refused(trained_toy_unet, tmp_path):

@@ -363,7 +363,7 @@ def test_edge_survival_errors_say_what_to_do(tiny, capsys):
     assert "[0, 999]" in capsys.readouterr().err
 
 
-def test_a_toy_unet_folder_is_recognised_and_its_full_resolution_level_is_probed(tmp_path, capsys):
+def test_a_toy_unet_folder_is_recognised_and_its_attention_level_is_probed(tmp_path, capsys):
     from bigain.analysis.probe import load_backbone
     from bigain.toy.train import train_toy_unet
 
@@ -374,7 +374,7 @@ def test_a_toy_unet_folder_is_recognised_and_its_full_resolution_level_is_probed
                "--methods", "none", "tome", "--out", str(out)])
     assert rc == 0, capsys.readouterr().err
     table = pd.read_csv(out / "edge_survival.csv")
-    assert (table["edge_tokens"] == 103).all()  # 10% of the 32x32 = 1024 tokens of the level compressed
+    assert (table["edge_tokens"] == 26).all()  # 10% of the 16x16 = 256 tokens of the level compressed
     assert main(["visualize", "--what", "edges", "--model", "no-such-model"]) == 2
     assert "registered backbone" in capsys.readouterr().err
     assert main(["visualize", "--what", "edges", "--model", "dit"]) == 2

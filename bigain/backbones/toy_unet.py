@@ -1,14 +1,20 @@
-"""``toy-unet``: the bundled pixel-space UNet, conditioned through cross-attention on class prompts.
+"""``toy-unet``: the bundled UNet, conditioned through cross-attention on class prompts.
 
 A diffusers ``UNet2DConditionModel`` - the model class of Stable Diffusion, so compressors attach
-to it exactly as to SD (the ``unet`` adapter; by default the full-resolution level, 32x32 = 1024
-tokens) - whose cross-attention reads a learned prompt of a few tokens per class instead of a text
-encoder's output. The prompt table (one row per class and a last, null row for classifier-free
-guidance) is saved beside the UNet as ``class_prompts.safetensors``.
+to it exactly as to SD (the ``unet`` adapter; by default the full-resolution level) - whose
+cross-attention reads a learned prompt of a few tokens per class instead of a text encoder's
+output. The prompt table (one row per class and a last, null row for classifier-free guidance) is
+saved beside the UNet as ``class_prompts.safetensors``.
+
+Its "latent" is the image itself with each ``p`` x ``p`` block of pixels stacked into channels
+(``pixel_unshuffle``; the shipped UNet: ``p = 2``, 12 x 16 x 16, 256 tokens), a lossless stand-in
+for Stable Diffusion's VAE. ``p`` is read from the UNet's ``in_channels`` (``3 * p**2``); a
+3-channel UNet works on the pixels.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,7 +23,8 @@ from torch import Tensor
 
 from bigain.backbones.base import ClassLabels, DiffusionBackbone, folder_digest
 from bigain.backbones.loading import load_component, require_subfolders
-from bigain.errors import CheckpointError
+from bigain.errors import CheckpointError, ConfigError
+from bigain.toy.train import from_patches, to_patches
 
 __all__ = ["ToyUNet", "TOY_UNET_PATH"]
 
@@ -70,17 +77,26 @@ class ToyUNet(ClassLabels, DiffusionBackbone):
         self.num_model_classes = int(prompts.shape[0]) - 1
         self.null_class = self.num_model_classes
         self.in_channels = int(self.unet.config.in_channels)
+        self.patch = math.isqrt(self.in_channels // 3)
+        if 3 * self.patch**2 != self.in_channels or int(self.unet.config.out_channels) != self.in_channels:
+            raise CheckpointError(f"the toy UNet in {root} has {self.in_channels} input and "
+                                  f"{self.unet.config.out_channels} output channels; a toy UNet sees p x p pixel "
+                                  f"patches of an RGB image, 3 * p**2 channels in and out (3, 12, 27, ...)")
+        self.latent_factor = self.patch  # pixels per token along each side
 
     def latent_shape(self, image_size: int) -> tuple[int, int, int]:
-        return (self.in_channels, image_size, image_size)
+        if image_size % self.patch:
+            raise ConfigError(f"the toy UNet works on {self.patch}x{self.patch} pixel patches; image size "
+                              f"{image_size} is not a multiple of {self.patch}")
+        return (self.in_channels, image_size // self.patch, image_size // self.patch)
 
     @torch.no_grad()
     def encode(self, images: Tensor) -> Tensor:
-        return images.to(self.device).float()
+        return to_patches(images.to(self.device).float(), self.patch)
 
     @torch.no_grad()
     def decode(self, x0: Tensor) -> Tensor:
-        return x0.float().clamp(-1, 1)
+        return from_patches(x0.float(), self.patch).clamp(-1, 1)
 
     def predict_output(self, x_t: Tensor, t: Tensor, cond: Any) -> Tensor:
         prompts = self.prompts.to(self.device, self.model_dtype)[cond.to(self.device)]

@@ -1,8 +1,7 @@
 """Train, evaluate and document the bundled toy models.
 
   bigain toy train [--out DIR]        train the toy classifier (a few minutes), the toy DiT (just under
-                                      an hour on 2 CPU cores) and the toy UNet (under an hour; the
-                                      shipped one had a second stage, --unet_init_from) into DIR
+                                      an hour on 2 CPU cores) and the toy UNet (about an hour) into DIR
                                       (default runs/toy-train), then evaluate them and write
                                       DIR/MODEL_CARD.md;
                                       --classifier_steps 0 keeps the classifier already in DIR,
@@ -50,7 +49,7 @@ def build_parser():
     train.add_argument("--denoisers", type=Literal["dit", "unet"], nargs="+", default=["dit", "unet"],
                        help="the toy denoisers to train: dit, unet or both")
     train.add_argument("--steps", type=int, default=9000, help="DiT training steps")
-    train.add_argument("--unet_steps", type=int, default=1600, help="UNet training steps")
+    train.add_argument("--unet_steps", type=int, default=4500, help="UNet training steps")
     train.add_argument("--unet_lr", type=float, default=1e-3, help="UNet peak learning rate (cosine schedule)")
     train.add_argument("--unet_ema_decay", type=float, default=0.999,
                        help="decay of the UNet's weight average (bias-corrected for the starting weights)")

@@ -7,10 +7,10 @@ TOY_COMPRESSED_BLOCKS: tuple[int, ...] = (1, 2, 3, 4)
 
 #: The two toy denoisers: the backbone each loads through, its folder in a toy models folder, and the
 #: layers the demo and the model card compress (the UNet: its full-resolution level, as on Stable
-#: Diffusion, selected by the ``unet`` adapter's default).
+#: Diffusion, selected by the ``unet`` adapter's default; the toy UNet has only that one).
 TOY_DENOISERS: dict[str, dict] = {
     "dit": {"backbone": "toy", "folder": "toy-dit", "blocks": list(TOY_COMPRESSED_BLOCKS),
             "label": "toy DiT", "layers": "blocks 1-4 of 6"},
     "unet": {"backbone": "toy-unet", "folder": "toy-unet", "blocks": "paper",
-             "label": "toy UNet", "layers": "the full-resolution (32x32) level"},
+             "label": "toy UNet", "layers": "its one level (16x16 patches)"},
 }

@@ -5,9 +5,9 @@
   (loss weighting ``loss_weighting``: min-SNR-5 or P2, EMA weights);
   diffusers' label embedding drops 10% of the labels to its null class during training, which is
   what classifier-free guidance needs at sampling time.
-* :func:`train_toy_unet` trains the pixel-space UNet (diffusers ``UNet2DConditionModel``) the
-  same way; it is conditioned through cross-attention on a learned prompt per class (4 tokens),
-  with 10% of the labels dropped to a null prompt.
+* :func:`train_toy_unet` trains the UNet (diffusers ``UNet2DConditionModel``, on 2x2 pixel patches
+  rearranged into channels, 256 tokens) the same way; it is conditioned through cross-attention on
+  a learned prompt per class (4 tokens), with 10% of the labels dropped to a null prompt.
 * :func:`train_toy_classifier` trains the small timm classifier that serves as the toy FID feature
   extractor and as the judge of class fidelity.
 
@@ -26,16 +26,20 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from bigain.errors import ConfigError
 from bigain.toy.data import TOY_CLASSES, ToyShapes
 
 __all__ = [
     "TOY_DIT_CONFIG",
     "TOY_SCHEDULER_CONFIG",
     "TOY_UNET_CONFIG",
+    "TOY_UNET_PATCH",
     "TOY_PROMPT_TOKENS",
     "TOY_PROMPTS_FILE",
     "ToyUNetModel",
     "build_toy_unet",
+    "to_patches",
+    "from_patches",
     "train_toy_unet",
     "TOY_CLASSIFIER_ARCH",
     "LOSS_WEIGHTINGS",
@@ -69,18 +73,25 @@ TOY_SCHEDULER_CONFIG: dict = {
     "clip_sample": False,
 }
 
-#: The toy UNet: pixel space, self- and cross-attention at full (32x32 = 1024 tokens, the level
-#: compressors act on by default, as on Stable Diffusion) and half resolution.
+#: Side of the pixel patches the toy UNet works on: its "latent" is the image rearranged space-to-depth
+#: (``pixel_unshuffle``, 3 x 32 x 32 -> 12 x 16 x 16), a lossless stand-in for Stable Diffusion's VAE.
+TOY_UNET_PATCH = 2
+
+#: The toy UNet: one resolution level (16x16 = 256 tokens, as many as the toy DiT), so that every
+#: long-range path runs through the self-attention the compressors act on - a down block, the middle
+#: block and an up block, four transformer blocks of 4 heads x 32 channels, cross-attending to the
+#: class prompt. (A three-level UNet on the 32x32 pixels decides its classes at the uncompressed
+#: lower levels: 70% ToMe at its full resolution costs it nothing.)
 TOY_UNET_CONFIG: dict = {
-    "sample_size": 32,
-    "in_channels": 3,
-    "out_channels": 3,
+    "sample_size": 32 // TOY_UNET_PATCH,
+    "in_channels": 3 * TOY_UNET_PATCH**2,
+    "out_channels": 3 * TOY_UNET_PATCH**2,
     "layers_per_block": 1,
-    "block_out_channels": (32, 64, 128),
-    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    "block_out_channels": (128,),
+    "down_block_types": ("CrossAttnDownBlock2D",),
+    "up_block_types": ("CrossAttnUpBlock2D",),
     "cross_attention_dim": 64,
-    "attention_head_dim": (1, 2, 4),  # diffusers' name: the number of heads per level (32 channels each)
+    "attention_head_dim": (4,),  # diffusers' name: the number of heads per level (32 channels each)
     "norm_num_groups": 32,
 }
 #: Tokens of each class prompt the toy UNet cross-attends to.
@@ -185,6 +196,7 @@ def _train_denoiser(
     log_every: int,
     progress: Callable[[int, dict], None] | None,
     ema_bias_correction: bool = False,
+    model_space: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.nn.Module:
     """The epsilon-prediction training loop both toy denoisers share; returns the EMA copy of ``model``.
 
@@ -192,7 +204,8 @@ def _train_denoiser(
     ``ema_bias_correction`` the starting weights' share of the average (``ema_decay ** steps``: 20 %
     after 1,600 steps at 0.999) is taken out at the end, ``(ema - d**T * start) / (1 - d**T)``, as
     Adam corrects its moments; without it (the toy DiT: 1e-4 after 9,000 steps) the average is kept
-    as it is.
+    as it is. ``model_space`` maps a batch of images to the space the model denoises (the toy
+    UNet's pixel patches); the noise is drawn there.
     """
     from diffusers import DDPMScheduler
 
@@ -213,6 +226,8 @@ def _train_denoiser(
             group["lr"] = _cosine_lr(step, steps, lr, warmup)
         first = (step * batch_size) % train_images
         x0, labels = data.batch(range(first, first + batch_size))
+        if model_space is not None:
+            x0 = model_space(x0)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
         a = abar[t].view(-1, 1, 1, 1)
@@ -292,7 +307,8 @@ def train_toy_dit(
 
 class ToyUNetModel(torch.nn.Module):
     """The toy UNet with its class prompt table: ``prompts[label]`` (``[B, L, D]``, row
-    ``len(TOY_CLASSES)`` the null prompt) is what the UNet cross-attends to."""
+    ``len(TOY_CLASSES)`` the null prompt) is what the UNet cross-attends to. It denoises images as
+    :func:`to_patches` lays them out (``[B, 12, 16, 16]``)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -308,6 +324,22 @@ class ToyUNetModel(torch.nn.Module):
         return self.unet(x_t, t, encoder_hidden_states=self.prompts[labels]).sample
 
 
+def _as_list(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def to_patches(images: torch.Tensor, patch: int = TOY_UNET_PATCH) -> torch.Tensor:
+    """Images ``[B, 3, H, W]`` as the toy UNet sees them: each ``patch`` x ``patch`` block of pixels
+    stacked into channels, ``[B, 3 * patch**2, H / patch, W / patch]`` (a permutation of the pixels,
+    so Gaussian noise there is Gaussian noise on the image)."""
+    return F.pixel_unshuffle(images, patch) if patch > 1 else images
+
+
+def from_patches(patches: torch.Tensor, patch: int = TOY_UNET_PATCH) -> torch.Tensor:
+    """The inverse of :func:`to_patches`."""
+    return F.pixel_shuffle(patches, patch) if patch > 1 else patches
+
+
 def build_toy_unet() -> ToyUNetModel:
     """A freshly initialised toy UNet (zero-initialised output convolution) and prompt table."""
     return ToyUNetModel()
@@ -316,7 +348,7 @@ def build_toy_unet() -> ToyUNetModel:
 def train_toy_unet(
     out_dir: str | Path,
     *,
-    steps: int = 1600,
+    steps: int = 4500,
     batch_size: int = 32,
     lr: float = 1e-3,
     warmup: int = 50,
@@ -349,6 +381,11 @@ def train_toy_unet(
         from diffusers import UNet2DConditionModel
         from safetensors.torch import load_file
 
+        config = UNet2DConditionModel.load_config(Path(init_from) / "unet")
+        differ = {k: (config.get(k), v) for k, v in TOY_UNET_CONFIG.items() if _as_list(config.get(k)) != _as_list(v)}
+        if differ:
+            raise ConfigError(f"the toy UNet in {init_from} has another architecture than today's "
+                              f"(saved vs now: {differ}); train from scratch (no init_from)")
         saved = UNet2DConditionModel.from_pretrained(Path(init_from) / "unet", torch_dtype=torch.float32)
         model.unet.load_state_dict(saved.state_dict())
         with torch.no_grad():
@@ -362,7 +399,7 @@ def train_toy_unet(
     ema = _train_denoiser(out, model, forward, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup,
                           ema_decay=ema_decay, min_snr_gamma=min_snr_gamma, loss_weighting=loss_weighting, seed=seed,
                           train_images=train_images, bf16=bf16, log_every=log_every, progress=progress,
-                          ema_bias_correction=True)
+                          ema_bias_correction=True, model_space=to_patches)
     ema.unet.to(torch.float16).save_pretrained(out / "unet", safe_serialization=True)  # half the package size
     save_file({"prompts": ema.prompts.detach().float().contiguous()}, str(out / TOY_PROMPTS_FILE))
     return out
