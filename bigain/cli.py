@@ -36,7 +36,7 @@ EVAL_MODULES = frozenset({"lightning", "pytorch_lightning", "jsonargparse", "pan
                           "timm", "torchmetrics", "torch_fidelity", "transformers", "torchvision", "accelerate"})
 
 #: Commands that keep their finished work when stopped and resume it when started again.
-RESUMABLE = ("classify", "generate", "sweep", "demo")
+RESUMABLE = ("classify", "generate", "sweep", "demo", "toy train")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -82,7 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except Interrupted as exc:
             if nested():  # a sweep's in-process cell: the sweep records it and stops
                 raise
-            hint = "; what finished is saved, run the same command again to resume" if name in RESUMABLE else ""
+            resumable = name in RESUMABLE or f"{name} {rest[0] if rest else ''}" in RESUMABLE
+            hint = "; what finished is saved, run the same command again to resume" if resumable else ""
             print(f"bigain {name}: {exc}{hint}", file=sys.stderr)
             return exc.exit_code
 

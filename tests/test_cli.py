@@ -219,6 +219,7 @@ def test_the_model_cards_reproduce_command_is_in_todays_spelling():
     for line in lines:  # every step of the recipe parses as a `bigain toy train` command
         cfg = parse(toy.build_parser(), line.split()[2:])
         assert cfg.action == "train" and cfg.train.out == "runs/toy-train"
+        assert cfg.train.train_dtype == "bfloat16"  # how the bundled models were trained; auto may pick float32
 
 
 TASK_CONFIGS = [p for p in CONFIGS if p.name.startswith(("classify-", "generate-"))]

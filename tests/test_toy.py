@@ -292,3 +292,76 @@ def test_the_toy_unets_weight_average_leaves_out_its_starting_weights(tmp_path):
     latest, corrected = trained("latest", 0.0), trained("corrected", 0.9)
     assert latest.abs().max() > 1e-4  # the step moved it away from its zero start
     torch.testing.assert_close(corrected, latest, atol=1e-6, rtol=2e-3)  # stored in float16
+
+
+def _files(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != "training_log.csv"}
+
+
+@pytest.mark.parametrize("denoiser", ["dit", "unet"])
+def test_a_stopped_toy_training_run_resumes_bit_for_bit_and_a_finished_one_is_kept(tmp_path, denoiser):
+    """Ctrl-C mid-training saves the whole state at the end of the step it lands in; the same call resumes
+    and writes the same bytes as a run that was never stopped (the DiT's label dropout draws from the global
+    RNG, the UNet's from the trainer's generator: both are restored)."""
+    import csv
+    import os
+    import signal
+
+    from bigain.interrupts import Interrupted, handle_signals
+    from bigain.toy import train
+
+    fn = train.train_toy_dit if denoiser == "dit" else train.train_toy_unet
+    folder = "toy-dit" if denoiser == "dit" else "toy-unet"
+    kwargs = dict(steps=5, batch_size=2, train_images=4, bf16=False, log_every=1, checkpoint_every=2, warmup=1)
+    whole = fn(tmp_path / "whole", **kwargs)
+
+    def stop_in_step_2(step, row):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C: the handler defers it to the end of the step
+
+    messages = []
+    with handle_signals(), pytest.raises(Interrupted):
+        fn(tmp_path / "split", progress=stop_in_step_2, log=messages.append, **kwargs)
+    split = tmp_path / "split" / folder
+    state = torch.load(split / train.TRAINING_STATE_FILE, weights_only=True)
+    assert state["step"] == 3 and "the same command resumes it" in messages[-1]
+    assert not (split / train.TRAINING_DONE_FILE).exists()
+    with pytest.raises(ConfigError, match="other settings.*'lr'"):
+        fn(tmp_path / "split", **{**kwargs, "lr": 5e-4})
+    fn(tmp_path / "split", log=messages.append, **kwargs)
+    assert "resuming the stopped run at step 3 of 5" in messages[-1]
+    assert not (split / train.TRAINING_STATE_FILE).exists()
+    assert _files(split) == _files(whole)  # weights, prompt table, scheduler, finished-run record
+
+    def log_rows(folder):
+        with open(folder / "training_log.csv") as fh:
+            return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(fh)]
+
+    assert log_rows(split) == log_rows(whole) and len(log_rows(whole)) == 5
+    fn(tmp_path / "split", log=messages.append, **kwargs)  # finished with these settings: kept, not trained again
+    assert "already trained with these settings, kept" in messages[-1]
+    assert _files(split) == _files(whole)
+
+
+def test_toy_training_precision_follows_the_cpu_and_the_recipe_names_it(tmp_path, monkeypatch, capsys):
+    import json
+    import shutil
+
+    from bigain import precision
+    from bigain.cli import main
+    from bigain.toy.train import TRAINING_DONE_FILE
+
+    monkeypatch.setattr(precision, "cpu_bf16_flags", lambda cpuinfo=None: [])  # an AVX2-only CPU
+    shutil.copy(ASSETS / "classifier.safetensors", tmp_path)
+    args = ["toy", "train", "--out", str(tmp_path), "--steps", "1", "--batch_size", "2", "--denoisers", "dit",
+            "--classifier_steps", "0", "--no_eval"]
+    assert main(args) == 0
+    assert json.loads((tmp_path / "toy-dit" / TRAINING_DONE_FILE).read_text())["bf16"] is False
+    assert main(args + ["--train_dtype", "float16"]) == 2
+    assert "train in float32 or bfloat16" in capsys.readouterr().err
+    from bigain.commands import toy
+    from bigain.commands._parser import parse
+
+    cfg = parse(toy.build_parser(), ["train", "--train_dtype", "bf16"])
+    assert "--train_dtype bfloat16" in toy._train_command(cfg.train)

@@ -164,7 +164,7 @@ def write_model_card(assets: str | Path, metrics: dict[str, Any], *, command: st
         f"```bash\n{command}\n```",
         "",
         f"Seed {seed} where a command does not give one; train images from seed 1000, test images from seed 2000",
-        "(disjoint). Deterministic for a given seed, PyTorch version and thread count.",
+        "(disjoint). Deterministic for a given seed, precision, PyTorch version and thread count.",
         "",
         "## Data",
         "",

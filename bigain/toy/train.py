@@ -11,14 +11,21 @@
 * :func:`train_toy_classifier` trains the small timm classifier that serves as the toy FID feature
   extractor and as the judge of class fidelity.
 
-Both are deterministic for a given seed and thread count, and write a ``training_log.csv``.
+All three are deterministic for a given seed, precision, PyTorch version and thread count, and write a
+training log. The denoisers train in bfloat16 autocast only where the CPU computes bfloat16 natively
+(``bf16=None``, the default; elsewhere it is emulated and many times slower than float32). A
+denoiser's run saves its whole state every ``checkpoint_every`` steps and when stopped by a signal, and
+the same call resumes it bit for bit; a finished run leaves ``training_done.json`` (its settings)
+beside its weights, and the same call again keeps those weights instead of training them again.
 """
 
 from __future__ import annotations
 
 import copy
 import csv
+import json
 import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from bigain.errors import ConfigError
+from bigain.interrupts import Interrupted, deferred
+from bigain.precision import native_bf16_cpu
 from bigain.toy.data import TOY_CLASSES, ToyShapes
 
 __all__ = [
@@ -178,6 +187,54 @@ def _write_log(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
+#: The file a stopped toy training run leaves in its folder; the same call resumes from it.
+TRAINING_STATE_FILE = "training_state.pt"
+#: The file a finished toy denoiser run leaves beside its weights: the settings it was trained with.
+TRAINING_DONE_FILE = "training_done.json"
+#: The same record for the toy classifier, beside ``classifier.safetensors``.
+CLASSIFIER_DONE_FILE = "classifier_training_done.json"
+
+
+def _load_training_state(path: Path, settings: dict) -> dict:
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    if saved.get("settings") != settings:
+        differ = {k: (saved.get("settings", {}).get(k), settings.get(k))
+                  for k in sorted(set(saved.get("settings", {})) | set(settings))
+                  if saved.get("settings", {}).get(k) != settings.get(k)}
+        raise ConfigError(f"{path} holds a stopped training run with other settings (saved vs now: {differ}): "
+                          f"run it again with the saved settings to resume it, or delete {path} to start over")
+    return saved
+
+
+def _settings(**values) -> dict:
+    """What decides a toy training run's result, as JSON gives it back (tuples as lists, paths as strings)."""
+    return json.loads(json.dumps(values, default=str))
+
+
+def _already_trained(record: Path, settings: dict, outputs: list[Path]) -> bool:
+    """True when ``record`` says a run of exactly these settings finished (and its outputs are all there)."""
+    if not record.is_file() or not all(path.exists() for path in outputs):
+        return False
+    try:
+        return json.loads(record.read_text()) == settings
+    except ValueError:
+        return False
+
+
+_KEPT = "{out}: already trained with these settings, kept (delete {record} there to train it again)"
+
+
+def _say(log: Callable[[str], None] | None, message: str) -> None:
+    if log is not None:
+        log(message)
+
+
+def _mark_trained(record: Path, settings: dict) -> None:
+    partial = record.with_name(record.name + ".partial")
+    partial.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+    os.replace(partial, record)
+
+
 def _train_denoiser(
     out: Path,
     model: torch.nn.Module,
@@ -197,6 +254,9 @@ def _train_denoiser(
     progress: Callable[[int, dict], None] | None,
     ema_bias_correction: bool = False,
     model_space: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    settings: dict | None = None,
+    checkpoint_every: int = 250,
+    log: Callable[[str], None] | None = None,
 ) -> torch.nn.Module:
     """The epsilon-prediction training loop both toy denoisers share; returns the EMA copy of ``model``.
 
@@ -206,6 +266,11 @@ def _train_denoiser(
     Adam corrects its moments; without it (the toy DiT: 1e-4 after 9,000 steps) the average is kept
     as it is. ``model_space`` maps a batch of images to the space the model denoises (the toy
     UNet's pixel patches); the noise is drawn there.
+
+    Every ``checkpoint_every`` steps, and when the run is stopped by a signal (at the end of the step it
+    is in), the whole training state goes to ``out/training_state.pt``; a later call with the same
+    ``settings`` resumes from it and ends bit for bit where an uninterrupted run would. The file is
+    removed when training ends.
     """
     from diffusers import DDPMScheduler
 
@@ -218,10 +283,9 @@ def _train_denoiser(
     abar = scheduler.alphas_cumprod.float()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     data = ToyShapes("train", length=train_images)
-    rows: list[dict] = []
-    start = time.perf_counter()
-    running = None
-    for step in range(steps):
+
+    def train_step(step: int) -> None:
+        nonlocal running
         for group in opt.param_groups:
             group["lr"] = _cosine_lr(step, steps, lr, warmup)
         first = (step * batch_size) % train_images
@@ -251,6 +315,45 @@ def _train_denoiser(
             _write_log(out / "training_log.csv", rows)
             if progress is not None:
                 progress(step, row)
+
+    rows: list[dict] = []
+    state_file = out / TRAINING_STATE_FILE
+    running, first_step, elapsed = None, 0, 0.0
+    if state_file.is_file():
+        saved = _load_training_state(state_file, settings or {})
+        model.load_state_dict(saved["model"])
+        ema.load_state_dict(saved["ema"])
+        if initial is not None:
+            initial.load_state_dict(saved["initial"])
+        opt.load_state_dict(saved["optimizer"])
+        gen.set_state(saved["generator"])
+        torch.set_rng_state(saved["global_rng"])
+        running, first_step, elapsed, rows = saved["running"], saved["step"], saved["seconds"], saved["rows"]
+        _say(log, f"{out.name}: resuming the stopped run at step {first_step} of {steps} ({state_file})")
+    start = time.perf_counter() - elapsed
+
+    def save_state(done: int) -> None:
+        state = {"settings": settings or {}, "step": done, "running": running, "rows": rows,
+                 "seconds": time.perf_counter() - start, "model": model.state_dict(), "ema": ema.state_dict(),
+                 "initial": None if initial is None else initial.state_dict(), "optimizer": opt.state_dict(),
+                 "generator": gen.get_state(), "global_rng": torch.get_rng_state()}
+        partial = state_file.with_name(state_file.name + ".partial")
+        torch.save(state, partial)
+        os.replace(partial, state_file)  # a stop while saving leaves the previous state whole
+
+    done = first_step
+    try:
+        for step in range(first_step, steps):
+            with deferred():  # a stop signal lands between steps, never inside one
+                train_step(step)
+                done = step + 1
+                if done % checkpoint_every == 0 and done < steps:
+                    save_state(done)
+    except Interrupted:
+        save_state(done)
+        _say(log, f"{out.name}: stopped after step {done} of {steps}; its state is in {state_file}, and the same "
+                  f"command resumes it")
+        raise
     if initial is not None and steps > 0:
         share = ema_decay ** steps
         with torch.no_grad():
@@ -258,6 +361,7 @@ def _train_denoiser(
                 pe.sub_(share * p0).div_(1.0 - share)
     scheduler.save_pretrained(out / "scheduler")
     _write_log(out / "training_log.csv", rows)
+    state_file.unlink(missing_ok=True)
     return ema
 
 
@@ -274,12 +378,18 @@ def train_toy_dit(
     init_from: str | Path | None = None,
     seed: int = 0,
     train_images: int = 200_000,
-    bf16: bool = True,
+    bf16: bool | None = None,
     log_every: int = 25,
+    checkpoint_every: int = 250,
     progress: Callable[[int, dict], None] | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> Path:
     """Train the toy DiT and save it (EMA weights) as a checkpoint folder ``out_dir/toy-dit`` holding
     ``transformer/`` and ``scheduler/`` (what ``bigain.backbones.DiT`` loads) and ``training_log.csv``.
+
+    ``bf16``: bfloat16 autocast (``None``: where the CPU computes bfloat16 natively). A stopped run
+    resumes from ``training_state.pt`` (saved every ``checkpoint_every`` steps and when stopped by a
+    signal); a finished one with the same settings is kept, not trained again.
 
     Returns:
         The checkpoint folder.
@@ -287,6 +397,13 @@ def train_toy_dit(
     if loss_weighting not in LOSS_WEIGHTINGS:
         raise ValueError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {loss_weighting!r}")
     out = Path(out_dir) / "toy-dit"
+    bf16 = native_bf16_cpu() if bf16 is None else bf16
+    settings = _settings(model="toy-dit", config=TOY_DIT_CONFIG, steps=steps, batch_size=batch_size, lr=lr,
+                         warmup=warmup, ema_decay=ema_decay, min_snr_gamma=min_snr_gamma, loss_weighting=loss_weighting,
+                         init_from=init_from, seed=seed, train_images=train_images, bf16=bf16)
+    if _already_trained(out / TRAINING_DONE_FILE, settings, [out / "transformer", out / "scheduler"]):
+        _say(log, _KEPT.format(out=out, record=TRAINING_DONE_FILE))
+        return out
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)  # diffusers' label dropout draws from the global RNG during training
     model = build_toy_dit().train()
@@ -300,8 +417,10 @@ def train_toy_dit(
 
     ema = _train_denoiser(out, model, forward, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup,
                           ema_decay=ema_decay, min_snr_gamma=min_snr_gamma, loss_weighting=loss_weighting, seed=seed,
-                          train_images=train_images, bf16=bf16, log_every=log_every, progress=progress)
+                          train_images=train_images, bf16=bf16, log_every=log_every, progress=progress,
+                          settings=settings, checkpoint_every=checkpoint_every, log=log)
     ema.save_pretrained(out / "transformer", safe_serialization=True)
+    _mark_trained(out / TRAINING_DONE_FILE, settings)
     return out
 
 
@@ -359,14 +478,20 @@ def train_toy_unet(
     init_from: str | Path | None = None,
     seed: int = 0,
     train_images: int = 200_000,
-    bf16: bool = True,
+    bf16: bool | None = None,
     log_every: int = 25,
+    checkpoint_every: int = 250,
     progress: Callable[[int, dict], None] | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> Path:
     """Train the toy UNet and save it (EMA weights, float16) as ``out_dir/toy-unet`` holding ``unet/``,
     ``scheduler/``, ``class_prompts.safetensors`` (what the ``toy-unet`` backbone loads) and
     ``training_log.csv``. ``label_dropout`` of the labels are replaced by the null prompt (for
     classifier-free guidance).
+
+    ``bf16``: bfloat16 autocast (``None``: where the CPU computes bfloat16 natively). A stopped run
+    resumes from ``training_state.pt`` (saved every ``checkpoint_every`` steps and when stopped by a
+    signal); a finished one with the same settings is kept, not trained again.
 
     Returns:
         The checkpoint folder.
@@ -374,6 +499,14 @@ def train_toy_unet(
     from safetensors.torch import save_file
 
     out = Path(out_dir) / "toy-unet"
+    bf16 = native_bf16_cpu() if bf16 is None else bf16
+    settings = _settings(model="toy-unet", config=TOY_UNET_CONFIG, prompt_tokens=TOY_PROMPT_TOKENS, steps=steps,
+                         batch_size=batch_size, lr=lr, warmup=warmup, ema_decay=ema_decay, min_snr_gamma=min_snr_gamma,
+                         loss_weighting=loss_weighting, label_dropout=label_dropout, init_from=init_from, seed=seed,
+                         train_images=train_images, bf16=bf16)
+    if _already_trained(out / TRAINING_DONE_FILE, settings, [out / "unet", out / "scheduler", out / TOY_PROMPTS_FILE]):
+        _say(log, _KEPT.format(out=out, record=TRAINING_DONE_FILE))
+        return out
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     model = build_toy_unet().train()
@@ -399,9 +532,11 @@ def train_toy_unet(
     ema = _train_denoiser(out, model, forward, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup,
                           ema_decay=ema_decay, min_snr_gamma=min_snr_gamma, loss_weighting=loss_weighting, seed=seed,
                           train_images=train_images, bf16=bf16, log_every=log_every, progress=progress,
-                          ema_bias_correction=True, model_space=to_patches)
+                          ema_bias_correction=True, model_space=to_patches, settings=settings,
+                          checkpoint_every=checkpoint_every, log=log)
     ema.unet.to(torch.float16).save_pretrained(out / "unet", safe_serialization=True)  # half the package size
     save_file({"prompts": ema.prompts.detach().float().contiguous()}, str(out / TOY_PROMPTS_FILE))
+    _mark_trained(out / TRAINING_DONE_FILE, settings)
     return out
 
 
@@ -433,6 +568,7 @@ def train_toy_classifier(
     augment: bool = True,
     log_every: int = 25,
     progress: Callable[[int, dict], None] | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> Path:
     """Train the toy timm classifier; saves ``classifier.safetensors`` (fp16) under ``out_dir``.
 
@@ -443,6 +579,11 @@ def train_toy_classifier(
     from safetensors.torch import save_file
 
     out = Path(out_dir)
+    settings = _settings(model="classifier", arch=TOY_CLASSIFIER_ARCH, kwargs=_CLASSIFIER_KWARGS, steps=steps,
+                         batch_size=batch_size, lr=lr, seed=seed, train_images=train_images, augment=augment)
+    if _already_trained(out / CLASSIFIER_DONE_FILE, settings, [out / "classifier.safetensors"]):
+        _say(log, _KEPT.format(out=out / "classifier.safetensors", record=CLASSIFIER_DONE_FILE))
+        return out / "classifier.safetensors"
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -471,4 +612,5 @@ def train_toy_classifier(
     save_file({k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()},
               str(out / "classifier.safetensors"))
     _write_log(out / "classifier_training_log.csv", rows)
+    _mark_trained(out / CLASSIFIER_DONE_FILE, settings)
     return out / "classifier.safetensors"
