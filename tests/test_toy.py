@@ -60,7 +60,7 @@ def test_demo_quick_end_to_end(tmp_path):
 
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out), "--methods", "tome", "bigain_tm", "--images", "10",
-                 "--gen_per_class", "1", "--dtype", "bfloat16"]) == 0
+                 "--gen_per_class", "1", "--dtype", "auto"]) == 0  # emulated bfloat16 is ~16x slower
     report = (out / "report.md").read_text()
     assert "## What the numbers show" in report and "## Settings" in report
     assert "Classification at merge ratio 0.7: tome" in report
