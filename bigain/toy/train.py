@@ -197,10 +197,10 @@ CLASSIFIER_DONE_FILE = "classifier_training_done.json"
 
 def _load_training_state(path: Path, settings: dict) -> dict:
     saved = torch.load(path, map_location="cpu", weights_only=True)
-    if saved.get("settings") != settings:
-        differ = {k: (saved.get("settings", {}).get(k), settings.get(k))
-                  for k in sorted(set(saved.get("settings", {})) | set(settings))
-                  if saved.get("settings", {}).get(k) != settings.get(k)}
+    before = saved.get("settings") or {}
+    if before != settings:
+        differ = {k: (before.get(k), settings.get(k)) for k in sorted(set(before) | set(settings))
+                  if before.get(k) != settings.get(k)}
         raise ConfigError(f"{path} holds a stopped training run with other settings (saved vs now: {differ}): "
                           f"run it again with the saved settings to resume it, or delete {path} to start over")
     return saved
