@@ -116,9 +116,12 @@ def run(cfg: Any) -> int:
     from bigain.toy.train import train_toy_classifier, train_toy_dit, train_toy_unet
 
     args = cfg[cfg.action]
-    args.dtype = str(args.dtype) if str(args.dtype) != "auto" else auto_dtype("cpu")[0]
+    def resolved(dtype) -> str:  # "auto": bfloat16 where the CPU computes it natively, float32 elsewhere
+        return auto_dtype("cpu")[0] if str(dtype) == "auto" else str(dtype)
+
+    args.dtype = resolved(args.dtype)
     if cfg.action == "train":
-        args.train_dtype = str(args.train_dtype) if str(args.train_dtype) != "auto" else auto_dtype("cpu")[0]
+        args.train_dtype = resolved(args.train_dtype)
         if args.train_dtype not in ("float32", "bfloat16"):
             raise BigainError(f"--train_dtype {args.train_dtype}: the toy denoisers train in float32 or bfloat16 "
                               "(autocast) on the CPU; pick one of those, or auto")

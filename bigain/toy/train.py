@@ -211,17 +211,18 @@ def _settings(**values) -> dict:
     return json.loads(json.dumps(values, default=str))
 
 
-def _already_trained(record: Path, settings: dict, outputs: list[Path]) -> bool:
-    """True when ``record`` says a run of exactly these settings finished (and its outputs are all there)."""
+def _kept(record: Path, settings: dict, outputs: list[Path], log: Callable[[str], None] | None) -> bool:
+    """True (and says so) when ``record`` says a run of exactly these settings finished and its outputs are all
+    there: the caller keeps them instead of training again."""
     if not record.is_file() or not all(path.exists() for path in outputs):
         return False
     try:
-        return json.loads(record.read_text()) == settings
+        if json.loads(record.read_text()) != settings:
+            return False
     except ValueError:
         return False
-
-
-_KEPT = "{out}: already trained with these settings, kept (delete {record} there to train it again)"
+    _say(log, f"{outputs[0]}: already trained with these settings, kept (delete {record} to train it again)")
+    return True
 
 
 def _say(log: Callable[[str], None] | None, message: str) -> None:
@@ -230,9 +231,9 @@ def _say(log: Callable[[str], None] | None, message: str) -> None:
 
 
 def _mark_trained(record: Path, settings: dict) -> None:
-    partial = record.with_name(record.name + ".partial")
-    partial.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
-    os.replace(partial, record)
+    from bigain.runs import atomic_write_text
+
+    atomic_write_text(record, json.dumps(settings, indent=2, sort_keys=True) + "\n")
 
 
 def _train_denoiser(
@@ -254,7 +255,7 @@ def _train_denoiser(
     progress: Callable[[int, dict], None] | None,
     ema_bias_correction: bool = False,
     model_space: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    settings: dict | None = None,
+    settings: dict,
     checkpoint_every: int = 250,
     log: Callable[[str], None] | None = None,
 ) -> torch.nn.Module:
@@ -320,7 +321,7 @@ def _train_denoiser(
     state_file = out / TRAINING_STATE_FILE
     running, first_step, elapsed = None, 0, 0.0
     if state_file.is_file():
-        saved = _load_training_state(state_file, settings or {})
+        saved = _load_training_state(state_file, settings)
         model.load_state_dict(saved["model"])
         ema.load_state_dict(saved["ema"])
         if initial is not None:
@@ -333,7 +334,7 @@ def _train_denoiser(
     start = time.perf_counter() - elapsed
 
     def save_state(done: int) -> None:
-        state = {"settings": settings or {}, "step": done, "running": running, "rows": rows,
+        state = {"settings": settings, "step": done, "running": running, "rows": rows,
                  "seconds": time.perf_counter() - start, "model": model.state_dict(), "ema": ema.state_dict(),
                  "initial": None if initial is None else initial.state_dict(), "optimizer": opt.state_dict(),
                  "generator": gen.get_state(), "global_rng": torch.get_rng_state()}
@@ -401,8 +402,7 @@ def train_toy_dit(
     settings = _settings(model="toy-dit", config=TOY_DIT_CONFIG, steps=steps, batch_size=batch_size, lr=lr,
                          warmup=warmup, ema_decay=ema_decay, min_snr_gamma=min_snr_gamma, loss_weighting=loss_weighting,
                          init_from=init_from, seed=seed, train_images=train_images, bf16=bf16)
-    if _already_trained(out / TRAINING_DONE_FILE, settings, [out / "transformer", out / "scheduler"]):
-        _say(log, _KEPT.format(out=out, record=TRAINING_DONE_FILE))
+    if _kept(out / TRAINING_DONE_FILE, settings, [out / "transformer", out / "scheduler"], log):
         return out
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)  # diffusers' label dropout draws from the global RNG during training
@@ -504,8 +504,7 @@ def train_toy_unet(
                          batch_size=batch_size, lr=lr, warmup=warmup, ema_decay=ema_decay, min_snr_gamma=min_snr_gamma,
                          loss_weighting=loss_weighting, label_dropout=label_dropout, init_from=init_from, seed=seed,
                          train_images=train_images, bf16=bf16)
-    if _already_trained(out / TRAINING_DONE_FILE, settings, [out / "unet", out / "scheduler", out / TOY_PROMPTS_FILE]):
-        _say(log, _KEPT.format(out=out, record=TRAINING_DONE_FILE))
+    if _kept(out / TRAINING_DONE_FILE, settings, [out / "unet", out / "scheduler", out / TOY_PROMPTS_FILE], log):
         return out
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -581,8 +580,7 @@ def train_toy_classifier(
     out = Path(out_dir)
     settings = _settings(model="classifier", arch=TOY_CLASSIFIER_ARCH, kwargs=_CLASSIFIER_KWARGS, steps=steps,
                          batch_size=batch_size, lr=lr, seed=seed, train_images=train_images, augment=augment)
-    if _already_trained(out / CLASSIFIER_DONE_FILE, settings, [out / "classifier.safetensors"]):
-        _say(log, _KEPT.format(out=out / "classifier.safetensors", record=CLASSIFIER_DONE_FILE))
+    if _kept(out / CLASSIFIER_DONE_FILE, settings, [out / "classifier.safetensors"], log):
         return out / "classifier.safetensors"
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
