@@ -88,8 +88,9 @@ def run(args: Any) -> int:
     reused = sum(entry["status"].startswith("skipped") for entry in result["cells"])
     models = {"dit": "bundled toy DiT (pixel space, 6 blocks, 256 tokens); compressed blocks: 1-4 (all but the "
                      "first and last; the paper's selection scaled to 6 blocks would be 1-2 only)",
-              "unet": "bundled toy UNet (pixel space, self-attention at 32x32 and 16x16); compressed: the "
-                      "full-resolution level (1024 tokens), the paper's Stable Diffusion selection"}
+              "unet": "bundled toy UNet (2x2 pixel patches, 256 tokens, one resolution level); compressed: "
+                      "that level, so every self-attention layer (the paper's Stable Diffusion selection: the "
+                      "full-resolution level)"}
     settings = {
         "models": "; ".join(models[b] for b in args.backbones),
         "classification": f"{spec['datasets'][0]['init_args']['length']} toy test images; adaptive protocol "
