@@ -276,6 +276,25 @@ def test_findings_are_said_per_backbone_when_there_are_several():
     assert findings(summary[summary["backbone"] == "toy"])[0].startswith("Classification")  # one model: unprefixed
 
 
+_LAYOUTS = [{}, {"transformer_layers_per_block": 1, "mid_block_type": "UNetMidBlock2DCrossAttn"},
+            {"layers_per_block": 2, "transformer_layers_per_block": 3}]
+
+
+@pytest.mark.parametrize("config", _LAYOUTS)
+def test_the_model_cards_toy_unet_layout_counts_the_blocks_diffusers_builds(config, monkeypatch):
+    from diffusers import UNet2DConditionModel
+
+    from bigain.toy import evaluate, train
+
+    monkeypatch.setattr(train, "TOY_UNET_CONFIG", {**train.TOY_UNET_CONFIG, **config})
+    unet = UNet2DConditionModel(**train.TOY_UNET_CONFIG)
+    kinds = [type(m).__name__ for m in unet.modules()]
+    text = evaluate._toy_unet_layout()
+    resnets, attentions = kinds.count("ResnetBlock2D"), kinds.count("BasicTransformerBlock")
+    assert f"{resnets} ResNet blocks and {attentions} transformer blocks" in text
+    assert ("the middle block" in text) == (unet.mid_block is not None)
+
+
 def test_the_toy_unets_weight_average_leaves_out_its_starting_weights(tmp_path):
     """After one step the bias-corrected average is the trained weights themselves: (d * w0 + (1 - d) * w1 -
     d * w0) / (1 - d) = w1, which an average of decay 0 keeps directly. (The first step moves only the

@@ -107,6 +107,22 @@ def class_fidelity(*, backbone: str = "toy", path: str | Path | None = None, per
     return float((pred == labels).float().mean())
 
 
+def _toy_unet_layout() -> str:
+    """The toy UNet's blocks in words, counted from :data:`bigain.toy.train.TOY_UNET_CONFIG`."""
+    from bigain.toy.train import TOY_UNET_CONFIG as cfg
+
+    per, layers = cfg.get("transformer_layers_per_block", 1), cfg["layers_per_block"]
+    mid = cfg.get("mid_block_type", "UNetMidBlock2DCrossAttn") is not None
+    # diffusers: a down block has `layers` (ResNet, transformer) pairs, an up block `layers + 1`, the
+    # cross-attention middle block two ResNets around one transformer; each transformer has `per` blocks
+    attentions = per * (2 * layers + 1 + mid)
+    resnets = 2 * layers + 1 + 2 * mid
+    width = cfg["block_out_channels"][-1]
+    heads = cfg["attention_head_dim"][-1]
+    return (f"a down block, {'the middle block' if mid else 'no middle block'} and an up block, width {width}: "
+            f"{resnets} ResNet blocks and {attentions} transformer blocks of {heads} heads x {width // heads} channels")
+
+
 def write_model_card(assets: str | Path, metrics: dict[str, Any], *, command: str, seed: int) -> Path:
     """``MODEL_CARD.md`` beside the models: command, data, seed, training curves, metrics.
 
@@ -179,12 +195,11 @@ def write_model_card(assets: str | Path, metrics: dict[str, Any], *, command: st
         "  6 blocks, width 128, 4 heads, 10 classes + the null class (label dropout 0.1, for classifier-free",
         "  guidance). float32 weights.",
         "- `toy-unet/` (backbone `toy-unet`): diffusers `UNet2DConditionModel` on 2x2 pixel patches stacked",
-        "  into channels (12 x 16 x 16: 256 tokens, as many as the DiT's), one resolution level - a down",
-        "  block, the middle block and an up block, width 128 - with four transformer blocks of 4 heads x",
-        "  32 channels, so every one of its self-attention layers is one the compressors act on. It",
-        "  cross-attends to a learned prompt of 4 tokens x 64 per class (`class_prompts.safetensors`, plus a",
-        "  null prompt: label dropout 0.1). float16 weights; 4,500 steps at learning rate 1e-3 with a 0.999",
-        "  weight average, bias-corrected for its starting weights.",
+        "  into channels (12 x 16 x 16: 256 tokens, as many as the DiT's), one resolution level - "
+        + _toy_unet_layout() + " - so every one of its self-attention layers is one the compressors act on.",
+        "  It cross-attends to a learned prompt of 4 tokens x 64 per class (`class_prompts.safetensors`, plus a",
+        "  null prompt: label dropout 0.1). float16 weights; trained at learning rate 1e-3 with a 0.999",
+        "  weight average, bias-corrected for its starting weights (steps: the command above).",
         "- Both denoisers: epsilon prediction on the DDPM linear schedule (1000 steps), min-SNR-5 loss",
         "  weighting, AdamW, cosine learning rate, EMA weights, bf16 autocast on the CPU.",
         "- `classifier.safetensors`: timm `resnet10t` with channels (32, 64, 128, 256), fp16 weights, input",
