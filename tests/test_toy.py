@@ -281,18 +281,20 @@ _LAYOUTS = [{}, {"transformer_layers_per_block": 1, "mid_block_type": "UNetMidBl
 
 
 @pytest.mark.parametrize("config", _LAYOUTS)
-def test_the_model_cards_toy_unet_layout_counts_the_blocks_diffusers_builds(config, monkeypatch):
+def test_the_model_cards_toy_unet_layout_counts_the_blocks_of_the_saved_unet(config, tmp_path):
     from diffusers import UNet2DConditionModel
 
     from bigain.toy import evaluate, train
 
-    monkeypatch.setattr(train, "TOY_UNET_CONFIG", {**train.TOY_UNET_CONFIG, **config})
-    unet = UNet2DConditionModel(**train.TOY_UNET_CONFIG)
+    unet = UNet2DConditionModel(**{**train.TOY_UNET_CONFIG, **config})
+    unet.save_config(tmp_path)
     kinds = [type(m).__name__ for m in unet.modules()]
-    text = evaluate._toy_unet_layout()
+    text = evaluate._toy_unet_layout(tmp_path)
     resnets, attentions = kinds.count("ResnetBlock2D"), kinds.count("BasicTransformerBlock")
     assert f"{resnets} ResNet blocks and {attentions} transformer blocks" in text
     assert ("the middle block" in text) == (unet.mid_block is not None)
+    if not config:  # no saved config: today's TOY_UNET_CONFIG
+        assert evaluate._toy_unet_layout(tmp_path / "absent") == text
 
 
 def test_the_toy_unets_weight_average_leaves_out_its_starting_weights(tmp_path):

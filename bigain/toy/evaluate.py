@@ -12,6 +12,7 @@ can be regenerated quickly after ``bigain toy train``:
 from __future__ import annotations
 
 import json
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -107,20 +108,20 @@ def class_fidelity(*, backbone: str = "toy", path: str | Path | None = None, per
     return float((pred == labels).float().mean())
 
 
-def _toy_unet_layout() -> str:
-    """The toy UNet's blocks in words, counted from :data:`bigain.toy.train.TOY_UNET_CONFIG`."""
-    from bigain.toy.train import TOY_UNET_CONFIG as cfg
+def _toy_unet_layout(unet_dir: Path) -> str:
+    """The toy UNet's blocks in words, counted on the UNet its config builds: the config saved in
+    ``unet_dir`` (the model the card describes), else :data:`bigain.toy.train.TOY_UNET_CONFIG`."""
+    from diffusers import UNet2DConditionModel
 
-    per, layers = cfg.get("transformer_layers_per_block", 1), cfg["layers_per_block"]
-    mid = cfg.get("mid_block_type", "UNetMidBlock2DCrossAttn") is not None
-    # diffusers: a down block has `layers` (ResNet, transformer) pairs, an up block `layers + 1`, the
-    # cross-attention middle block two ResNets around one transformer; each transformer has `per` blocks
-    attentions = per * (2 * layers + 1 + mid)
-    resnets = 2 * layers + 1 + 2 * mid
-    width = cfg["block_out_channels"][-1]
-    heads = cfg["attention_head_dim"][-1]
-    return (f"a down block, {'the middle block' if mid else 'no middle block'} and an up block, width {width}: "
-            f"{resnets} ResNet blocks and {attentions} transformer blocks of {heads} heads x {width // heads} channels")
+    from bigain.toy.train import TOY_UNET_CONFIG, _as_list
+
+    config = UNet2DConditionModel.load_config(unet_dir) if (unet_dir / "config.json").is_file() else TOY_UNET_CONFIG
+    unet = UNet2DConditionModel.from_config(config)
+    kinds = [type(m).__name__ for m in unet.modules()]
+    width, heads = unet.config.block_out_channels[-1], _as_list(unet.config.attention_head_dim)[-1]
+    return (f"a down block, {'the middle block' if unet.mid_block is not None else 'no middle block'} and an up "
+            f"block, width {width}: {kinds.count('ResnetBlock2D')} ResNet blocks and "
+            f"{kinds.count('BasicTransformerBlock')} transformer blocks of {heads} heads x {width // heads} channels")
 
 
 def write_model_card(assets: str | Path, metrics: dict[str, Any], *, command: str, seed: int) -> Path:
@@ -168,6 +169,7 @@ def write_model_card(assets: str | Path, metrics: dict[str, Any], *, command: st
 
     dtypes = sorted({m.get("evaluation_dtype", "float32") for m in measured.values()})
     per_class = sorted({m.get("fidelity_per_class") for m in measured.values()} - {None})
+    unet_layout = _toy_unet_layout(assets / TOY_DENOISERS["unet"]["folder"] / "unet")
     header = "| metric | " + " | ".join(TOY_DENOISERS[k]["label"] for k in measured) + " |"
     lines = [
         "# Toy models (bundled with bigain)",
@@ -194,12 +196,13 @@ def write_model_card(assets: str | Path, metrics: dict[str, Any], *, command: st
         "- `toy-dit/` (backbone `toy`): diffusers `DiTTransformer2DModel`, pixel space, patch 2 (256 tokens),",
         "  6 blocks, width 128, 4 heads, 10 classes + the null class (label dropout 0.1, for classifier-free",
         "  guidance). float32 weights.",
-        "- `toy-unet/` (backbone `toy-unet`): diffusers `UNet2DConditionModel` on 2x2 pixel patches stacked",
-        "  into channels (12 x 16 x 16: 256 tokens, as many as the DiT's), one resolution level - "
-        + _toy_unet_layout() + " - so every one of its self-attention layers is one the compressors act on.",
-        "  It cross-attends to a learned prompt of 4 tokens x 64 per class (`class_prompts.safetensors`, plus a",
-        "  null prompt: label dropout 0.1). float16 weights; trained at learning rate 1e-3 with a 0.999",
-        "  weight average, bias-corrected for its starting weights (steps: the command above).",
+        *textwrap.wrap(
+            "- `toy-unet/` (backbone `toy-unet`): diffusers `UNet2DConditionModel` on 2x2 pixel patches stacked into "
+            f"channels (12 x 16 x 16: 256 tokens, as many as the DiT's), one resolution level - {unet_layout} - so "
+            "every one of its self-attention layers is one the compressors act on. It cross-attends to a learned "
+            "prompt of 4 tokens x 64 per class (`class_prompts.safetensors`, plus a null prompt: label dropout 0.1). "
+            "float16 weights; trained at learning rate 1e-3 with a 0.999 weight average, bias-corrected for its "
+            "starting weights (steps: the command above).", width=100, subsequent_indent="  "),
         "- Both denoisers: epsilon prediction on the DDPM linear schedule (1000 steps), min-SNR-5 loss",
         "  weighting, AdamW, cosine learning rate, EMA weights, bf16 autocast on the CPU.",
         "- `classifier.safetensors`: timm `resnet10t` with channels (32, 64, 128, 256), fp16 weights, input",
