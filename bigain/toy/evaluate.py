@@ -116,7 +116,8 @@ def _toy_unet_layout(unet_dir: Path) -> str:
     from bigain.toy.train import TOY_UNET_CONFIG, _as_list
 
     config = UNet2DConditionModel.load_config(unet_dir) if (unet_dir / "config.json").is_file() else TOY_UNET_CONFIG
-    unet = UNet2DConditionModel.from_config(config)
+    with torch.device("meta"):  # the structure only: no weights are allocated or initialised
+        unet = UNet2DConditionModel.from_config(config)
     kinds = [type(m).__name__ for m in unet.modules()]
     width, heads = unet.config.block_out_channels[-1], _as_list(unet.config.attention_head_dim)[-1]
     return (f"a down block, {'the middle block' if unet.mid_block is not None else 'no middle block'} and an up "
