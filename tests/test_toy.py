@@ -206,6 +206,57 @@ def test_a_toy_unet_on_pixels_still_loads_and_one_with_odd_channels_is_refused(t
         ToyUNet(path=folder("four", 4))
 
 
+def test_position_channels_are_sin_and_cos_of_each_tokens_row_and_column_at_doubling_frequencies():
+    from bigain.errors import ConfigError
+    from bigain.toy.train import position_channels
+
+    r = 0.5**0.5  # sin and cos of pi/4 and 3pi/4, the half-period frequency on a 2-token axis
+    expected = torch.tensor([
+        [[r, r], [r, r]], [[1, 1], [-1, -1]],  # rows: sin at frequency 1, 2 (angle pi * f * (i + 0.5) / 2)
+        [[r, r], [-r, -r]], [[0, 0], [0, 0]],  # rows: cos at frequency 1, 2
+        [[r, r], [r, r]], [[1, -1], [1, -1]],  # columns: sin
+        [[r, -r], [r, -r]], [[0, 0], [0, 0]],  # columns: cos
+    ])
+    assert torch.allclose(position_channels(2, 2, 8), expected, atol=1e-6)
+    assert position_channels(16, 8, 16).shape == (16, 16, 8)
+    for bad in (0, 6):
+        with pytest.raises(ConfigError, match="multiple of 4"):
+            position_channels(4, 4, bad)
+
+
+def test_a_toy_unet_with_position_channels_reads_them_after_the_latent(trained_toy_unet, tmp_path):
+    import math
+    import shutil
+
+    from diffusers import UNet2DConditionModel
+
+    from bigain.backbones.toy_unet import ToyUNet
+    from bigain.errors import CheckpointError
+
+    def folder(name, in_channels):
+        root = tmp_path / name
+        shutil.copytree(trained_toy_unet, root)
+        shutil.rmtree(root / "unet")
+        UNet2DConditionModel(sample_size=16, in_channels=in_channels, out_channels=12, layers_per_block=1,
+                             block_out_channels=(32,), down_block_types=("CrossAttnDownBlock2D",),
+                             up_block_types=("CrossAttnUpBlock2D",), cross_attention_dim=64, attention_head_dim=1,
+                             norm_num_groups=32, conv_in_kernel=1).save_pretrained(root / "unet")
+        return str(root)
+
+    backbone = ToyUNet(path=folder("positions", 12 + 4))
+    assert backbone.latent_shape(32) == (12, 16, 16) and backbone.patch == 2
+    x, t, cond = torch.randn(2, 12, 16, 16), torch.tensor([10, 500]), torch.tensor([3, 10])
+    angle = [[math.pi * (i + 0.5) / 16 for i in range(16)]]  # one frequency: 4 channels
+    row = torch.tensor(angle).T.expand(16, 16)
+    pos = torch.stack([row.sin(), row.cos(), row.T.sin(), row.T.cos()])
+    with torch.no_grad():
+        direct = backbone.unet(torch.cat([x, pos.expand(2, -1, -1, -1)], 1), t,
+                               encoder_hidden_states=backbone.prompts[cond]).sample
+        assert torch.allclose(backbone.predict_output(x, t, cond), direct, atol=1e-5)
+    with pytest.raises(CheckpointError, match="multiple of 4 position channels"):
+        ToyUNet(path=folder("odd", 12 + 3))
+
+
 def test_training_the_toy_unet_on_from_a_folder_of_another_architecture_is_refused(trained_toy_unet, tmp_path):
     import json
     import shutil

@@ -8,8 +8,10 @@ saved beside the UNet as ``class_prompts.safetensors``.
 
 Its "latent" is the image itself with each ``p`` x ``p`` block of pixels stacked into channels
 (``pixel_unshuffle``; the shipped UNet: ``p = 2``, 12 x 16 x 16, 256 tokens), a lossless stand-in
-for Stable Diffusion's VAE. ``p`` is read from the UNet's ``in_channels`` (``3 * p**2``); a
-3-channel UNet works on the pixels.
+for Stable Diffusion's VAE. ``p`` is read from the UNet's ``out_channels`` (``3 * p**2``); a
+3-channel UNet works on the pixels. A UNet with more input than output channels also reads where
+each token sits: the extra input channels are fixed sinusoidal position features
+(:func:`bigain.toy.train.position_channels`), appended to the noisy latent on every call.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from torch import Tensor
 from bigain.backbones.base import ClassLabels, DiffusionBackbone, folder_digest
 from bigain.backbones.loading import load_component, require_subfolders
 from bigain.errors import CheckpointError, ConfigError
-from bigain.toy.train import from_patches, to_patches
+from bigain.toy.train import from_patches, to_patches, with_positions
 
 __all__ = ["ToyUNet", "TOY_UNET_PATH"]
 
@@ -76,12 +78,15 @@ class ToyUNet(ClassLabels, DiffusionBackbone):
         self.register_buffer("prompts", prompts.float(), persistent=False)
         self.num_model_classes = int(prompts.shape[0]) - 1
         self.null_class = self.num_model_classes
-        self.in_channels = int(self.unet.config.in_channels)
+        self.in_channels = int(self.unet.config.out_channels)  # the latent's channels
+        self.unet_in_channels = int(self.unet.config.in_channels)  # and the position channels after them
         self.patch = math.isqrt(self.in_channels // 3)
-        if 3 * self.patch**2 != self.in_channels or int(self.unet.config.out_channels) != self.in_channels:
-            raise CheckpointError(f"the toy UNet in {root} has {self.in_channels} input and "
-                                  f"{self.unet.config.out_channels} output channels; a toy UNet sees p x p pixel "
-                                  f"patches of an RGB image, 3 * p**2 channels in and out (3, 12, 27, ...)")
+        positions = self.unet_in_channels - self.in_channels
+        if 3 * self.patch**2 != self.in_channels or positions < 0 or positions % 4:
+            raise CheckpointError(f"the toy UNet in {root} has {self.unet_in_channels} input and "
+                                  f"{self.in_channels} output channels; a toy UNet sees p x p pixel patches of an "
+                                  f"RGB image, 3 * p**2 channels out (3, 12, 27, ...) and as many in, plus a "
+                                  f"multiple of 4 position channels")
         self.latent_factor = self.patch  # pixels per token along each side
 
     def latent_shape(self, image_size: int) -> tuple[int, int, int]:
@@ -100,7 +105,8 @@ class ToyUNet(ClassLabels, DiffusionBackbone):
 
     def predict_output(self, x_t: Tensor, t: Tensor, cond: Any) -> Tensor:
         prompts = self.prompts.to(self.device, self.model_dtype)[cond.to(self.device)]
-        out = self.unet(x_t.to(self.device, self.model_dtype), t.to(self.device), encoder_hidden_states=prompts).sample
+        x_t = with_positions(x_t.to(self.device, self.model_dtype), self.unet_in_channels)
+        out = self.unet(x_t, t.to(self.device), encoder_hidden_states=prompts).sample
         return out.float()
 
     def describe(self) -> dict[str, Any]:

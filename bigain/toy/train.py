@@ -48,6 +48,8 @@ __all__ = [
     "ToyUNetModel",
     "build_toy_unet",
     "to_patches",
+    "position_channels",
+    "with_positions",
     "from_patches",
     "train_toy_unet",
     "TOY_CLASSIFIER_ARCH",
@@ -440,7 +442,42 @@ class ToyUNetModel(torch.nn.Module):
             torch.randn(len(TOY_CLASSES) + 1, TOY_PROMPT_TOKENS, TOY_UNET_CONFIG["cross_attention_dim"]) * 0.5)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        x_t = with_positions(x_t, int(self.unet.config.in_channels))
         return self.unet(x_t, t, encoder_hidden_states=self.prompts[labels]).sample
+
+
+def position_channels(height: int, width: int, channels: int, *, device=None,
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Fixed sinusoidal position features ``[channels, height, width]`` for a toy UNet that reads
+    where each token sits (a UNet's convolutions otherwise carry position only as far as they reach).
+
+    ``channels`` is a multiple of 4. With ``k = channels // 4`` frequencies ``f = 1, 2, 4, ...``
+    (half-periods across the grid) and ``a = pi * f * (i + 0.5) / n`` at token ``i`` of ``n``, the
+    channels are ``sin a`` for each ``f``, then ``cos a`` for each ``f``, of the row index, then the
+    same of the column index. Deterministic, and built from ``arange`` alone (static under compile).
+    """
+    if channels <= 0 or channels % 4:
+        raise ConfigError(f"position channels must be a positive multiple of 4 (sin and cos per frequency and "
+                          f"axis); got {channels}")
+    freqs = 2.0 ** torch.arange(channels // 4, device=device, dtype=torch.float32)
+
+    def axis(n: int) -> torch.Tensor:  # [channels // 2, n]
+        angle = math.pi * freqs[:, None] * (torch.arange(n, device=device, dtype=torch.float32) + 0.5) / n
+        return torch.cat([angle.sin(), angle.cos()])
+
+    rows = axis(height)[:, :, None].expand(-1, height, width)
+    cols = axis(width)[:, None, :].expand(-1, height, width)
+    return torch.cat([rows, cols]).to(dtype)
+
+
+def with_positions(x: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """``x`` (``[B, C, H, W]``) with :func:`position_channels` appended up to ``in_channels``
+    (``x`` unchanged when it already has them all)."""
+    extra = in_channels - x.shape[1]
+    if extra == 0:
+        return x
+    pos = position_channels(x.shape[2], x.shape[3], extra, device=x.device, dtype=x.dtype)
+    return torch.cat([x, pos.expand(x.shape[0], -1, -1, -1)], dim=1)
 
 
 def _as_list(value):
