@@ -181,29 +181,31 @@ def test_the_toy_unet_sees_an_image_as_2x2_pixel_patches_and_gives_it_back_whole
         backbone.latent_shape(33)
 
 
-def test_a_toy_unet_on_pixels_still_loads_and_one_with_odd_channels_is_refused(trained_toy_unet, tmp_path):
+def _toy_unet_folder(trained, root, *, in_channels, out_channels, **config):
+    """A copy of the toy UNet folder ``trained`` whose UNet is a tiny one of the given channels."""
     import shutil
 
     from diffusers import UNet2DConditionModel
 
+    shutil.copytree(trained, root)
+    shutil.rmtree(root / "unet")
+    UNet2DConditionModel(in_channels=in_channels, out_channels=out_channels, layers_per_block=1,
+                         block_out_channels=(32,), down_block_types=("CrossAttnDownBlock2D",),
+                         up_block_types=("CrossAttnUpBlock2D",), cross_attention_dim=64, attention_head_dim=1,
+                         norm_num_groups=32, **config).save_pretrained(root / "unet")
+    return str(root)
+
+
+def test_a_toy_unet_on_pixels_still_loads_and_one_with_odd_channels_is_refused(trained_toy_unet, tmp_path):
     from bigain.backbones.toy_unet import ToyUNet
     from bigain.errors import CheckpointError
 
-    def folder(name, channels):
-        root = tmp_path / name
-        shutil.copytree(trained_toy_unet, root)
-        shutil.rmtree(root / "unet")
-        UNet2DConditionModel(sample_size=32, in_channels=channels, out_channels=channels, layers_per_block=1,
-                             block_out_channels=(32,), down_block_types=("CrossAttnDownBlock2D",),
-                             up_block_types=("CrossAttnUpBlock2D",), cross_attention_dim=64, attention_head_dim=1,
-                             norm_num_groups=32).save_pretrained(root / "unet")
-        return str(root)
-
-    pixels = ToyUNet(path=folder("pixels", 3))
+    pixels = ToyUNet(path=_toy_unet_folder(trained_toy_unet, tmp_path / "pixels", in_channels=3, out_channels=3,
+                                           sample_size=32))
     image = torch.rand(1, 3, 32, 32) * 2 - 1
     assert pixels.latent_shape(32) == (3, 32, 32) and torch.equal(pixels.encode(image), image)
     with pytest.raises(CheckpointError, match=r"3 \* p\*\*2 channels"):
-        ToyUNet(path=folder("four", 4))
+        ToyUNet(path=_toy_unet_folder(trained_toy_unet, tmp_path / "four", in_channels=4, out_channels=4))
 
 
 def test_position_channels_are_sin_and_cos_of_each_tokens_row_and_column_at_doubling_frequencies():
@@ -226,22 +228,13 @@ def test_position_channels_are_sin_and_cos_of_each_tokens_row_and_column_at_doub
 
 def test_a_toy_unet_with_position_channels_reads_them_after_the_latent(trained_toy_unet, tmp_path):
     import math
-    import shutil
-
-    from diffusers import UNet2DConditionModel
 
     from bigain.backbones.toy_unet import ToyUNet
     from bigain.errors import CheckpointError
 
     def folder(name, in_channels):
-        root = tmp_path / name
-        shutil.copytree(trained_toy_unet, root)
-        shutil.rmtree(root / "unet")
-        UNet2DConditionModel(sample_size=16, in_channels=in_channels, out_channels=12, layers_per_block=1,
-                             block_out_channels=(32,), down_block_types=("CrossAttnDownBlock2D",),
-                             up_block_types=("CrossAttnUpBlock2D",), cross_attention_dim=64, attention_head_dim=1,
-                             norm_num_groups=32, conv_in_kernel=1).save_pretrained(root / "unet")
-        return str(root)
+        return _toy_unet_folder(trained_toy_unet, tmp_path / name, in_channels=in_channels, out_channels=12,
+                                sample_size=16, conv_in_kernel=1)
 
     backbone = ToyUNet(path=folder("positions", 12 + 4))
     assert backbone.latent_shape(32) == (12, 16, 16) and backbone.patch == 2
