@@ -192,18 +192,28 @@ def _to(obj: Any, device: str, dtype: torch.dtype) -> Any:
 
 # -- measuring ---------------------------------------------------------------------------------
 
-def _register_cpu_sdpa_flops() -> None:
-    from torch.utils import flop_counter
+def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    b, h, lq, d = query_shape
+    lk, dv = key_shape[-2], value_shape[-1]
+    return 2 * b * h * lq * lk * d + 2 * b * h * lq * lk * dv
 
-    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    if op in flop_counter.flop_registry or op.default in flop_counter.flop_registry:
-        return
 
-    @flop_counter.register_flop_formula(op)
-    def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-        b, h, lq, d = query_shape
-        lk, dv = key_shape[-2], value_shape[-1]
-        return 2 * b * h * lq * lk * d + 2 * b * h * lq * lk * dv
+def _bmm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """Every ``bmm`` overload, ``bmm.dtype`` (``out_dtype=``, the half-precision similarity products)
+    included: some torch releases (2.11) count it with a formula that takes the dtype for ``out_shape``
+    and fail."""
+    b, m, k = a_shape
+    return 2 * b * m * k * b_shape[-1]
+
+
+def _flop_counter():
+    """A ``FlopCounterMode`` that also counts CPU flash attention and ``bmm(out_dtype=)``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    return FlopCounterMode(display=False, custom_mapping={
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops,
+        torch.ops.aten.bmm: _bmm_flops,
+    })
 
 
 def _call(model: nn.Module, inputs: dict[str, Any]) -> Any:
@@ -214,10 +224,7 @@ def _call(model: nn.Module, inputs: dict[str, Any]) -> Any:
 
 def count_flops(model: nn.Module, inputs: dict[str, Any]) -> int:
     """FLOPs of one forward (multiply-adds count 2)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    _register_cpu_sdpa_flops()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), _flop_counter() as counter:
         _call(model, inputs)
     return int(counter.get_total_flops())
 
@@ -225,9 +232,6 @@ def count_flops(model: nn.Module, inputs: dict[str, Any]) -> int:
 def denoiser_gflops(backbone: Any, image_size: int) -> float | None:
     """GFLOPs of one denoiser forward at batch 1 for ``image_size`` images, through whatever
     compressor is attached (``None`` when the backbone cannot build a condition yet)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    _register_cpu_sdpa_flops()
     device = backbone.device
     x = torch.zeros(1, *backbone.latent_shape(image_size), device=device)
     t = torch.full((1,), backbone.num_train_timesteps // 2, device=device)
@@ -240,7 +244,7 @@ def denoiser_gflops(backbone: Any, image_size: int) -> float | None:
             continue
     else:
         return None
-    with torch.no_grad(), backbone.eager(), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), backbone.eager(), _flop_counter() as counter:
         backbone.predict_noise(x, t, cond)
     return counter.get_total_flops() / 1e9
 

@@ -32,6 +32,26 @@ def test_flops_of_kv_downsampling_match_the_analytic_count():
     assert base - todo == 2 * LAYERS * per_layer
 
 
+def test_half_precision_similarity_products_are_counted_on_every_torch(monkeypatch):
+    # On a GPU the similarity products run as bmm(fp16, fp16, out_dtype=float32): the ``bmm.dtype``
+    # overload. torch 2.11's built-in formula takes that dtype for its ``out_shape`` and fails inside
+    # the counter; install such a formula and check the bench still counts the product.
+    from torch.utils import flop_counter
+
+    def strict_bmm(a_shape, b_shape, out_shape=None, **kwargs):
+        return 2 * a_shape[0] * a_shape[1] * a_shape[2] * b_shape[2]
+
+    monkeypatch.setitem(flop_counter.flop_registry, torch.ops.aten.bmm, flop_counter.shape_wrapper(strict_bmm))
+
+    class Similarity(torch.nn.Module):
+        def forward(self, a, b):
+            return torch.bmm(a, b, out_dtype=torch.float32)
+
+    a = torch.empty(2, 6, 8, dtype=torch.float16, device="meta")
+    b = torch.empty(2, 8, 5, dtype=torch.float16, device="meta")
+    assert count_flops(Similarity(), {"a": a, "b": b}) == 2 * 2 * 6 * 8 * 5
+
+
 def test_flops_of_merging_match_the_analytic_count():
     unet, inputs = tiny_unet(), unet_inputs()
     base = count_flops(unet, inputs)
