@@ -28,24 +28,27 @@ _F1, _F2 = 0x85EBCA6B, 0xC2B2AE35
 _SEED0 = 0x9747B28C
 
 
-def _mul32(a: Tensor, c: int) -> Tensor:
-    """``(a * c) mod 2**32`` for int64 ``a`` in ``[0, 2**32)`` and a 32-bit constant ``c``."""
+# The mixing steps below take int64 tensors or Python ints alike (the operators are the same), so the
+# words shared by the batch are hashed on the host, with no kernel, before the first tensor word.
+
+def _mul32(a, c: int):
+    """``(a * c) mod 2**32`` for ``a`` in ``[0, 2**32)`` (int64 tensor or int) and a 32-bit constant ``c``."""
     lo, hi = c & 0xFFFF, c >> 16
     return (a * lo + (((a * hi) & 0xFFFF) << 16)) & MASK32
 
 
-def _rotl32(a: Tensor, k: int) -> Tensor:
+def _rotl32(a, k: int):
     return ((a << k) | (a >> (32 - k))) & MASK32
 
 
-def _absorb(h: Tensor, word: Tensor) -> Tensor:
+def _absorb(h, word):
     """One MurmurHash3 block step: mix ``word`` into the running hash ``h``."""
     k = _rotl32(_mul32(word & MASK32, _C1), 15)
     h = _rotl32(h ^ _mul32(k, _C2), 13)
     return (_mul32(h, 5) + 0xE6546B64) & MASK32
 
 
-def _finalize(h: Tensor, length: int) -> Tensor:
+def _finalize(h, length: int):
     h = h ^ length
     h = _mul32(h ^ (h >> 16), _F1)
     h = _mul32(h ^ (h >> 13), _F2)
@@ -55,13 +58,15 @@ def _finalize(h: Tensor, length: int) -> Tensor:
 def hash_words(words: Sequence[Tensor | int], *, device: torch.device | None = None) -> Tensor:
     """The 32-bit hash (int64 values in ``[0, 2**32)``) of a sequence of words, broadcast together.
 
-    Each word is an int64 tensor or a Python int; only its low 32 bits count.
+    Each word is an int64 tensor or a Python int; only its low 32 bits count. Python-int words are
+    mixed in on the host, so a key whose batch-wide words come first costs the GPU only the steps
+    from its first tensor word on.
     """
-    h = torch.full((), _SEED0, dtype=torch.int64, device=device)
+    h: Tensor | int = _SEED0
     for word in words:
-        w = word if isinstance(word, Tensor) else torch.full((), int(word) & MASK32, dtype=torch.int64, device=device)
-        h = _absorb(h, w.to(torch.int64))
-    return _finalize(h, 4 * len(words))
+        h = _absorb(h, word.to(torch.int64) if isinstance(word, Tensor) else int(word))
+    h = _finalize(h, 4 * len(words))
+    return h if isinstance(h, Tensor) else torch.tensor(h, dtype=torch.int64, device=device)
 
 
 def split_seed(seed: int) -> tuple[int, int]:
@@ -80,7 +85,7 @@ def _positions(key: Tensor, size: Sequence[int], salt: int) -> Tensor:
     """``[B, *size]`` hashes of ``(key[b], salt, position)`` for every position of ``size``."""
     count = math.prod(size)
     pos = torch.arange(count, dtype=torch.int64, device=key.device)
-    h = _absorb(_absorb(key.reshape(-1, 1), torch.full((), salt, dtype=torch.int64, device=key.device)), pos)
+    h = _absorb(_absorb(key.reshape(-1, 1), salt), pos)
     return _finalize(h, 4 * 3).reshape(key.shape[0], *size)
 
 

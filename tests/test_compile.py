@@ -216,6 +216,30 @@ def test_hash_is_murmur3_of_the_words():
         assert got == [murmur3_32([w, 7, 10]) for w in words.tolist()]
 
 
+def test_batch_wide_words_are_hashed_on_the_host():
+    # (seed, layer, stream) words before the per-sample timestep word launch no kernel: a key of five
+    # words costs the device as many operations as a key of one tensor word.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    words = torch.tensor([3, 11, 2**31 + 7])
+    with CountOps() as one:
+        hash_words([words])
+    with CountOps() as five:
+        got = hash_words([2**32 + 5, 0, 17, 1, words])
+    assert five.ops == one.ops
+    assert got.tolist() == [murmur3_32([5, 0, 17, 1, w]) for w in words.tolist()]
+    assert hash_words([5, 0, 17]).tolist() == murmur3_32([5, 0, 17])  # no tensor word at all
+
+
 def test_keyed_draws_are_uniform_and_normal():
     key = hash_words([torch.arange(400)])
     ints = keyed_randint(key, 4, (250,))
